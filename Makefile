@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create the
+# environment first when it is missing (or older than pyproject.toml).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Keep every cache inside the project (compiled DeepSpeed ops, vLLM/inductor caches).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: env demo test test-slow lint clean
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo --config configs/demo.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow tests
+
+clean:
+	rm -rf runs .cache .pytest_cache .ruff_cache

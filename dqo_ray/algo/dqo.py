@@ -1,0 +1,116 @@
+"""The DQO losses (algorithm doc sections 2-3), pure torch over padded [B, T] tensors.
+
+    Q_theta(s_h, a_h) = beta*l_h + V_phi(s_h),   l_h = log pi_theta(a_h|s_h) - log pi_ref(a_h|s_h)
+    eps_h = beta*l_h + V_h - Q^lam_h                                  (shared residual)
+    L_pi  = mean_h w_h * (beta*l_h + sg(V_h) - sg(Q^lam_h))^2         (grad to theta only)
+    L_V   = mean_h w_h * (V_h - sg(G_h))^2                            (grad to phi only)
+    loss  = L_pi + c_V * L_V
+Q^lam, G come from `lambda_returns` on detached l and V. Off-policy options (`algo.off_policy`):
+    none       w_h = 1, c = 1
+    truncated  w_h = 1, c_h = min(c_max, rho_h) in the return recursion   [default]
+    sequence   w_h = min(w_max, prod_h rho_h) per trajectory, c = 1
+with rho_h = exp(log pi_theta - log mu)(a_h|s_h), detached; mu = behaviour policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dqo_ray.algo.returns import lambda_returns
+from dqo_ray.config import AlgoConfig
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # [] the scalar to backpropagate
+    metrics: dict[str, torch.Tensor]  # name -> [] detached scalars
+    policy_terms: torch.Tensor | None = None  # [B, T] w_h * eps_h^2 (0 on padding)
+    value_terms: torch.Tensor | None = None  # [B, T] w_h * (V_h - G_h)^2 (0 on padding)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduction: str = "token") -> torch.Tensor:
+    """Mean of x [B, T] over mask: over all valid tokens ("token") or of row means ("sequence")."""
+    mask = mask.to(x.dtype)
+    if reduction == "token":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(-1)
+    rows = counts > 0
+    row_means = (x * mask).sum(-1)[rows] / counts[rows]
+    return row_means.mean() if row_means.numel() else x.sum() * 0
+
+
+def dqo_loss(
+    policy_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: AlgoConfig,
+    bootstrap_value: torch.Tensor | None = None,
+) -> LossOutput:
+    """DQO policy + value loss for a batch of trajectories.
+
+    Args:
+        policy_logprobs:    [B, T] log pi_theta(a_h|s_h), with grad to the policy.
+        ref_logprobs:       [B, T] log pi_ref(a_h|s_h) (precomputed, constant).
+        behaviour_logprobs: [B, T] log mu(a_h|s_h) recorded at sampling time (constant).
+        values:             [B, T] V_phi(s_h), with grad to the value model.
+        rewards:            [B, T] r_h.
+        mask:               [B, T] bool, True on response tokens (contiguous per row).
+        cfg:                beta, lam, value_coef, off_policy, trace_clip,
+                            sequence_weight_clip, reduction.
+        bootstrap_value:    [B] V_H after the last token; None = 0 (EOS is terminal).
+
+    Returns:
+        LossOutput with loss = L_pi + value_coef * L_V, per-token terms and metrics.
+    """
+    maskf = mask.float()
+    log_ratio = policy_logprobs - ref_logprobs  # [B, T] l_h, grad to theta
+    log_ratio_sg, values_sg = log_ratio.detach(), values.detach()
+    log_rho = (policy_logprobs.detach() - behaviour_logprobs) * maskf  # [B, T] log pi/mu
+
+    trace, weights = None, torch.ones_like(maskf)  # [B, T]
+    metrics: dict[str, torch.Tensor] = {}
+    if cfg.off_policy == "truncated":
+        rho = log_rho.exp()
+        trace = rho.clamp(max=cfg.trace_clip)
+        metrics["trace_clip_frac"] = masked_mean((rho > cfg.trace_clip).float(), mask)
+    elif cfg.off_policy == "sequence":
+        log_w = log_rho.sum(-1).clamp(max=math.log(cfg.sequence_weight_clip))  # [B]
+        seq_w = log_w.exp()
+        weights = seq_w[:, None].expand_as(maskf)
+        metrics["seq_weight_mean"] = seq_w.mean()
+        metrics["seq_weight_ess_frac"] = seq_w.sum() ** 2 / (seq_w.square().sum() * len(seq_w))
+
+    boot = None if bootstrap_value is None else bootstrap_value.detach()
+    q_target, v_target = lambda_returns(rewards, values_sg, log_ratio_sg, mask, boot,
+                                        beta=cfg.beta, lam=cfg.lam, trace=trace)
+
+    policy_residual = cfg.beta * log_ratio + values_sg - q_target  # [B, T] eps_h, grad to theta
+    value_residual = values - v_target  # [B, T], grad to phi
+    policy_terms = weights * policy_residual.square() * maskf
+    value_terms = weights * value_residual.square() * maskf
+    policy_loss = masked_mean(policy_terms, mask, cfg.reduction)
+    value_loss = masked_mean(value_terms, mask, cfg.reduction)
+    loss = policy_loss + cfg.value_coef * value_loss
+
+    with torch.no_grad():
+        metrics.update(
+            loss=loss.detach(),
+            policy_loss=policy_loss.detach(),
+            value_loss=value_loss.detach(),
+            residual_abs=masked_mean(policy_residual.detach().abs(), mask),
+            value_mean=masked_mean(values_sg, mask),
+            q_target_mean=masked_mean(q_target, mask),
+            # KL(pi_theta || pi_ref) estimators on the data's tokens (exact in expectation only
+            # when the data are on-policy): k1 = l, k3 = exp(-l) - 1 + l >= 0.
+            kl_k1=masked_mean(log_ratio_sg, mask),
+            kl_k3=masked_mean(torch.expm1(-log_ratio_sg) + log_ratio_sg, mask),
+            is_ratio_mean=masked_mean(log_rho.exp(), mask),
+            is_ratio_max=(log_rho.exp() * maskf).max(),
+        )
+    return LossOutput(loss, metrics, policy_terms.detach(), value_terms.detach())

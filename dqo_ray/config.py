@@ -1,0 +1,395 @@
+"""Typed, validated configuration: YAML file -> dataclasses, plus `--set key.path=value` overrides.
+
+Every knob of the system lives here, once, with its default and its allowed values. Loading
+fails at once, listing every problem with its key path, the bad value and what is allowed, e.g.
+`trainer.zero_stage: 5 is not one of 0, 1, 2, 3`. Nothing else in the code base reads raw
+dicts with `.get(key, default)`.
+
+Validation is driven by the type hints:
+- `Literal[...]` fields accept exactly the listed values;
+- `int`, `float`, `str`, `bool`, `X | None`, `list[X]`, `dict[str, X]` and nested dataclasses
+  are checked structurally (an int is accepted where a float is expected; a string that parses
+  as a float is too, because PyYAML reads `1e-5` as a string);
+- numeric bounds come from field metadata (`_range(ge=..., gt=..., le=..., lt=...)`);
+- cross-field rules live in each section's `check()` method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised for any invalid configuration; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        head = f"invalid configuration ({source})" if source else "invalid configuration"
+        super().__init__(head + ":\n  " + "\n  ".join(problems))
+
+
+def _range(*, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None) -> dict[str, Any]:
+    return {"range": (ge, gt, le, lt)}
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    name: str = "dqo"
+    output_dir: str = "runs"
+    """Root folder (local path or pyarrow filesystem URI); the run folder is output_dir/name."""
+    seed: int = 0
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir.rstrip("/") + "/" + self.name
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster."""
+    num_cpus: int | None = field(default=None, metadata=_range(ge=1))
+    """Logical CPUs for a local instance. None = max(4, physical cores): Ray Data read tasks need
+    a whole free CPU beside the training workers, or the pipeline stalls on 2-core machines."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "tiny"
+    """A local HF checkpoint folder, a hub name (not in tests), or "tiny" for the built-in tiny
+    Llama with the word-level tokenizer."""
+    tokenizer: str | None = None
+    """Defaults to the policy's own tokenizer."""
+    value: str | None = None
+    """Value model checkpoint; None initialises the value backbone from the policy checkpoint
+    with a zero scalar head [choice: separate network, algorithm doc section 2]."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU."""
+    gradient_checkpointing: bool = False
+    tiny_hidden_size: int = field(default=128, metadata=_range(ge=8))
+    tiny_layers: int = field(default=4, metadata=_range(ge=1))
+    tiny_heads: int = field(default=4, metadata=_range(ge=1))
+
+    def check(self) -> list[str]:
+        if self.tiny_hidden_size % self.tiny_heads:
+            return [f"model.tiny_hidden_size: {self.tiny_hidden_size} is not divisible by "
+                    f"model.tiny_heads ({self.tiny_heads})"]
+        return []
+
+
+@dataclass
+class AlgoConfig:
+    """Loss and return settings. The defaults are the algorithm doc's."""
+
+    name: Literal["dqo", "rft", "dpo", "dro"] = "dqo"
+    beta: float = field(default=0.1, metadata=_range(gt=0))
+    """KL coefficient of the regularised objective."""
+    lam: float = field(default=1.0, metadata=_range(ge=0, le=1))
+    """Lambda of the lambda-return; 1 = Monte-Carlo soft return (paper's ablation winner)."""
+    value_coef: float = field(default=1.0, metadata=_range(ge=0))
+    """c_V in L_pi + c_V * L_V."""
+    off_policy: Literal["none", "truncated", "sequence"] = "truncated"
+    """Importance correction for data from a behaviour policy mu (doc section 3)."""
+    trace_clip: float = field(default=1.0, metadata=_range(gt=0))
+    """c_max for `truncated`: trace coefficient c = min(c_max, pi_theta / mu)."""
+    sequence_weight_clip: float = field(default=1.0, metadata=_range(gt=0))
+    """w_max for `sequence`: w = min(w_max, prod_h pi_theta / mu)."""
+    reduction: Literal["token", "sequence"] = "token"
+    """token = mean over all valid tokens of the batch; sequence = mean of per-sequence means."""
+    truncated_response: Literal["zero", "bootstrap"] = "zero"
+    """A response cut at the length limit: `zero` sets its reward and V_H to 0; `bootstrap` keeps
+    its reward and uses V_phi(s_H) as V_H."""
+    reward_correct: float = 1.0
+    reward_incorrect: float = 0.0
+    dpo_beta: float = field(default=0.1, metadata=_range(gt=0))
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = field(default=2, metadata=_range(ge=1))
+    cpus_per_worker: float = field(default=0.5, metadata=_range(gt=0))
+    use_gpu: bool = False
+    engine: Literal["auto", "deepspeed", "torch"] = "auto"
+    """auto = DeepSpeed where it imports, else plain torch DDP (logged)."""
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    policy_lr: float = field(default=1e-6, metadata=_range(gt=0))
+    value_lr: float = field(default=1e-5, metadata=_range(gt=0))
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = field(default=0, metadata=_range(ge=0))
+    weight_decay: float = field(default=0.0, metadata=_range(ge=0))
+    micro_batch_size: int = field(default=8, metadata=_range(ge=1))
+    grad_accum_steps: int = field(default=1, metadata=_range(ge=1))
+    max_grad_norm: float = field(default=1.0, metadata=_range(gt=0))
+    max_steps: int = field(default=100, metadata=_range(ge=1))
+    log_every: int = field(default=10, metadata=_range(ge=1))
+    checkpoint_every: int = field(default=50, metadata=_range(ge=1))
+    num_to_keep: int = field(default=2, metadata=_range(ge=1))
+    max_failures: int = field(default=2, metadata=_range(ge=0))
+
+    def check(self) -> list[str]:
+        if self.warmup_steps >= self.max_steps:
+            return [f"trainer.warmup_steps: {self.warmup_steps} must be < trainer.max_steps "
+                    f"({self.max_steps})"]
+        return []
+
+
+@dataclass
+class DataConfig:
+    store: str = "runs/store"
+    """Trajectory store root (local path or pyarrow filesystem URI)."""
+    rounds: list[int] = field(default_factory=list)
+    """Rounds to train on; empty = every round in the store."""
+    round_weights: dict[str, float] = field(default_factory=dict)
+    """Mixing weight per round (key = round number); missing rounds weigh 1."""
+    max_prompt_tokens: int = field(default=512, metadata=_range(ge=1))
+    max_response_tokens: int = field(default=512, metadata=_range(ge=1))
+    shuffle_seed: int = 0
+
+    def check(self) -> list[str]:
+        problems = []
+        for key, weight in self.round_weights.items():
+            if not key.lstrip("-").isdigit():
+                problems.append(f"data.round_weights: key {key!r} is not a round number")
+            if weight < 0:
+                problems.append(f"data.round_weights.{key}: {weight} must be >= 0")
+        return problems
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Structural validation driven by type hints
+# --------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Checks `value` against type `tp`; returns the converted value (problems appended)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is Literal:
+        allowed = get_args(tp)
+        # bool is an int subclass: never let True stand in for 1.
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        problems.append(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            trial: list[str] = []
+            converted = _convert(value, option, path, trial)
+            if not trial:
+                return converted
+        problems.append(f"{path}: {value!r} is not {_type_name(tp)}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: {value!r} is not a list")
+            return value
+        return [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item_tp = get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: {value!r} is not a mapping")
+            return value
+        return {str(k): _convert(v, item_tp, f"{path}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this validator does not know is a bug here
+        raise TypeError(f"unsupported config field type {tp!r} at {path}")
+    problems.append(f"{path}: {value!r} is not {_type_name(tp)}")
+    return value
+
+
+def _check_range(value: Any, bounds: tuple, path: str, problems: list[str]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    ge, gt, le, lt = bounds
+    for bound, ok, op in ((ge, lambda v, b: v >= b, ">="), (gt, lambda v, b: v > b, ">"),
+                          (le, lambda v, b: v <= b, "<="), (lt, lambda v, b: v < b, "<")):
+        if bound is not None and not ok(value, bound):
+            problems.append(f"{path}: {value!r} must be {op} {bound}")
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    where = path or "<top level>"
+    section_start = len(problems)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{full}: unknown key{hint}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        full = f"{path}.{name}" if path else name
+        before = len(problems)
+        kwargs[name] = _convert(raw[name], hints[name], full, problems)
+        if len(problems) == before and "range" in f.metadata:
+            _check_range(kwargs[name], f.metadata["range"], full, problems)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - all fields have defaults
+        problems.append(f"{where}: {exc}")
+        return cls()
+    # Cross-field rules only make sense once every field of the section is well-typed.
+    if hasattr(obj, "check") and len(problems) == section_start:
+        problems.extend(obj.check())
+    return obj
+
+
+def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Builds and validates a Config from a plain mapping; raises ConfigError listing problems."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Files and overrides
+# --------------------------------------------------------------------------------------------
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected key.path=value"])
+    key, _, text = item.partition("=")
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError([f"--set {item!r}: empty key in {key!r}"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--set {item!r}: value is not valid YAML ({exc})"]) from exc
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies `a.b.c=value` overrides (value parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError([f"--set {item!r}: {where} is {child!r}, not a section"])
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError([f"cannot read config file: {exc}"], source) from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {raw!r}"], source)
+    apply_overrides(raw, overrides)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return from_dict(raw, source)
+
+
+def save_resolved(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Writes the fully resolved config to run_dir/config.resolved.yaml (atomic rename)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.resolved.yaml"
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, target)
+    return target
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults when omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override, e.g. --set trainer.policy_lr=1e-5")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)

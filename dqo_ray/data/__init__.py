@@ -1,0 +1,1 @@
+"""Trajectory schema, store and Ray Data pipelines."""

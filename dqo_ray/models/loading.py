@@ -1,0 +1,42 @@
+"""Loading policy, value model and tokenizer from the model section of the config."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from dqo_ray.models.value import ValueModel
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` = bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slower here)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Any HF causal LM checkpoint folder (or hub name outside tests)."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_value(value_path: str | os.PathLike | None, policy_path: str | os.PathLike,
+               dtype: torch.dtype = torch.float32) -> ValueModel:
+    """A saved value model, or (value_path None) one initialised from the policy checkpoint."""
+    if value_path is None:
+        log.info("value model: backbone from policy %s, zero head", policy_path)
+        return ValueModel.from_policy(policy_path, dtype=dtype)
+    return ValueModel.from_pretrained(value_path, dtype=dtype)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding is masked out everywhere here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

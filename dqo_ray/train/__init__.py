@@ -1,0 +1,1 @@
+"""Per-worker training loop, Ray Train wiring and checkpoints."""

