@@ -20,7 +20,7 @@ import torch
 from dqo_ray.config import add_config_args, config_from_args, save_resolved
 from dqo_ray.data.batch import pad_trajectories
 from dqo_ray.models import load_policy, load_tokenizer, load_value, save_tiny_checkpoint
-from dqo_ray.train.step import loss_on_batch, sequence_logprobs
+from dqo_ray.train.step import loss_on_batch
 
 log = logging.getLogger("demo")
 WORDS = ("Tom", "Ann", "has", "apples", "pears", "say", "a", "number")

@@ -214,3 +214,12 @@ def test_dro_value_and_gradient_routing():
     g_pol, g_v = torch.autograd.grad(out.loss, [pol, v], allow_unused=True)
     assert g_v is None or torch.count_nonzero(g_v) == 0
     assert torch.count_nonzero(g_pol) > 0
+
+
+def test_loss_parts_sum_to_total_and_route_separately():
+    feats, tokens, mask, policy, value, ref_lp, beh_lp, rewards = batch(seed=4)
+    out = run(policy, value, feats, tokens, mask, ref_lp, beh_lp, rewards,
+              AlgoConfig(value_coef=0.7))
+    assert out.loss.item() == pytest.approx((out.policy_loss + out.value_loss).item())
+    assert all(torch.count_nonzero(g) == 0 for g in grads(value, out.policy_loss))
+    assert all(torch.count_nonzero(g) == 0 for g in grads(policy, out.value_loss))

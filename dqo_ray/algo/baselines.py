@@ -27,7 +27,7 @@ def rft_loss(policy_logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.T
     loss = -masked_mean(policy_logprobs, keep, reduction)
     metrics = {"loss": loss.detach(), "rft_rows": correct.bool().sum().float(),
                "nll": loss.detach()}
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, policy_loss=loss)
 
 
 def dpo_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -41,7 +41,7 @@ def dpo_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: to
     loss = -F.logsigmoid(margin).mean()
     metrics = {"loss": loss.detach(), "dpo_margin": margin.detach().mean(),
                "dpo_accuracy": (margin.detach() > 0).float().mean()}
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, policy_loss=loss)
 
 
 def dro_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -57,4 +57,4 @@ def dro_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
     loss = policy_loss + value_coef * value_loss
     metrics = {"loss": loss.detach(), "policy_loss": policy_loss.detach(),
                "value_loss": value_loss.detach(), "value_mean": prompt_values.detach().mean()}
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, policy_loss, value_coef * value_loss)

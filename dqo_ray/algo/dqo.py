@@ -25,8 +25,13 @@ from dqo_ray.config import AlgoConfig
 
 @dataclass
 class LossOutput:
+    """loss = policy_loss + value_coef * value_loss. The two parts reach disjoint parameters
+    (policy / value model), so each training engine can backpropagate its own part."""
+
     loss: torch.Tensor  # [] the scalar to backpropagate
     metrics: dict[str, torch.Tensor]  # name -> [] detached scalars
+    policy_loss: torch.Tensor  # [] with grad to the policy only
+    value_loss: torch.Tensor | None = None  # [] c_V * L_V, grad to the value model only
     policy_terms: torch.Tensor | None = None  # [B, T] w_h * eps_h^2 (0 on padding)
     value_terms: torch.Tensor | None = None  # [B, T] w_h * (V_h - G_h)^2 (0 on padding)
 
@@ -113,4 +118,5 @@ def dqo_loss(
             is_ratio_mean=masked_mean(log_rho.exp(), mask),
             is_ratio_max=(log_rho.exp() * maskf).max(),
         )
-    return LossOutput(loss, metrics, policy_terms.detach(), value_terms.detach())
+    return LossOutput(loss, metrics, policy_loss, cfg.value_coef * value_loss,
+                      policy_terms.detach(), value_terms.detach())
