@@ -76,6 +76,9 @@ class ModelConfig:
     Llama with the word-level tokenizer."""
     tokenizer: str | None = None
     """Defaults to the policy's own tokenizer."""
+    reference: str | None = None
+    """pi_ref checkpoint; None = the policy checkpoint (the usual start: pi_theta = pi_ref).
+    Later rounds train from newer checkpoints while pi_ref stays the base model."""
     value: str | None = None
     """Value model checkpoint; None initialises the value backbone from the policy checkpoint
     with a zero scalar head [choice: separate network, algorithm doc section 2]."""
@@ -141,6 +144,10 @@ class TrainerConfig:
     checkpoint_every: int = field(default=50, metadata=_range(ge=1))
     num_to_keep: int = field(default=2, metadata=_range(ge=1))
     max_failures: int = field(default=2, metadata=_range(ge=0))
+    """A dead worker restarts the whole group from the last checkpoint, at most this often."""
+    prefetch_batches: int = field(default=4, metadata=_range(ge=0))
+    ledger: bool = False
+    """Record the epoch positions each rank trained on per step (run_dir/ledger; audits)."""
 
     def check(self) -> list[str]:
         if self.warmup_steps >= self.max_steps:
@@ -160,6 +167,9 @@ class DataConfig:
     max_prompt_tokens: int = field(default=512, metadata=_range(ge=1))
     max_response_tokens: int = field(default=512, metadata=_range(ge=1))
     shuffle_seed: int = 0
+    ref_actors: int = field(default=1, metadata=_range(ge=1))
+    """Actors in the reference-scoring pool (one GPU each on GPU clusters)."""
+    ref_batch_size: int = field(default=16, metadata=_range(ge=1))
 
     def check(self) -> list[str]:
         problems = []

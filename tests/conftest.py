@@ -1,16 +1,21 @@
 """Shared test set-up: offline hubs, quiet progress bars, one thread per torch process."""
 
 import os
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import pytest
-import torch
-from transformers.utils import logging as hf_logging
+# transformers / huggingface_hub read the offline switches at import time: import them after.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)
@@ -25,3 +30,45 @@ def tiny_checkpoint(tmp_path_factory):
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_WORDS, hidden_size=32,
                                 layers=2, heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole session (4 logical CPUs, as init_ray gives 2-core
+    machines); jobs started as subprocesses join it through this address."""
+    import logging
+
+    import ray
+
+    from dqo_ray.runtime import WORKER_ENV
+
+    ray.init(num_cpus=4, runtime_env={"env_vars": WORKER_ENV}, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shard: int = 64,
+                    response_len: int = 6, seed: int = 0):
+    """A store of toy trajectories: chat-templated prompts, random responses ending in EOS,
+    every other one rewarded (correct). behaviour_logprobs unknown (null), as for external data."""
+    from dqo_ray.data.store import TrajectoryStore
+    from dqo_ray.models import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    store = TrajectoryStore(str(root))
+    gen = torch.Generator().manual_seed(seed)
+    for shard in range(shards):
+        rows = []
+        for i in range(rows_per_shard):
+            prompt = tok.apply_chat_template([{"role": "user", "content": f"Tom has {i} apples"}],
+                                             add_generation_prompt=True, tokenize=False)
+            response = torch.randint(10, len(tok), (response_len,), generator=gen).tolist()
+            response.append(tok.eos_token_id)
+            rows.append(dict(
+                traj_id=f"s{shard}-{i}", prompt_id=f"p{i}", round=0, policy_version=0,
+                dataset="toy", prompt=prompt, response=tok.decode(response),
+                prompt_ids=tok(prompt)["input_ids"], response_ids=response,
+                behaviour_logprobs=None, reward=float(i % 2 == 0), correct=i % 2 == 0,
+                finish_reason="stop", step_ends=None, step_rewards=None, ref_logprobs=None))
+        store.write_shard(rows, round=0)
+    return store

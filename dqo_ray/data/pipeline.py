@@ -1,0 +1,246 @@
+"""Ray Data pipelines over the trajectory store: reference scoring and training streams.
+
+    reference stage   read_parquet(shards lacking ref_logprobs) -> map_batches(ReferenceScorer,
+                      actor pool, GPU when present) -> driver merges per shard ->
+                      store.replace_shard (so the reference model runs once per trajectory)
+    training stream   EpochPlanner actor, once per epoch for all ranks: read_parquet(rounds)
+                      -> map_batches(mix rounds, order keys) -> sort(order key) -> materialize
+                      -> split(world, equal=True); epoch e+1 is built while e trains.
+                      Rank r: its split -> iter_torch_batches(TrajectoryCollate) -> micro-batches
+                      grouped per global step (see train/loop.py for the accounting)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from dqo_ray.data.batch import pad_trajectories
+from dqo_ray.data.order import copies_per_row, order_keys
+from dqo_ray.data.store import ShardInfo, TrajectoryStore
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["traj_id", "round", "prompt_ids", "response_ids", "behaviour_logprobs",
+                 "ref_logprobs", "reward", "correct", "finish_reason", "step_ends",
+                 "step_rewards"]
+
+
+def _deterministic_context() -> None:
+    # Blocks must come out in order for the epoch order (and so resume) to be exact.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+# ------------------------------------------------------------------------------------------
+# Training stream
+# ------------------------------------------------------------------------------------------
+
+class MixAndKey:
+    """map_batches fn: repeats rows by round weight and adds the epoch order key."""
+
+    def __init__(self, weights: Mapping[int, float], seed: int, epoch: int) -> None:
+        self.weights, self.seed, self.epoch = dict(weights), seed, epoch
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        traj_ids = table.column("traj_id").to_pylist()
+        copies = copies_per_row(traj_ids, table.column("round").to_pylist(), self.weights,
+                                self.seed, self.epoch)
+        index = np.repeat(np.arange(len(traj_ids)), copies)
+        copy_no = np.concatenate([np.arange(c) for c in copies]) if len(copies) else index
+        out = table.take(pa.array(index, type=pa.int64()))
+        keys = order_keys([traj_ids[i] for i in index], copy_no, self.seed, self.epoch)
+        return out.append_column("order_key", pa.array(keys, type=pa.int64()))
+
+
+def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
+                  weights: Mapping[int, float], seed: int, epoch: int) -> ray.data.Dataset:
+    """The mixed, ordered rows of one epoch (lazy)."""
+    _deterministic_context()
+    ds = ray.data.read_parquet(store.paths(shards), filesystem=store.filesystem,
+                               columns=TRAIN_COLUMNS)
+    ds = ds.map_batches(MixAndKey(weights, seed, epoch), batch_format="pyarrow")
+    return ds.sort("order_key")
+
+
+class TrajectoryCollate(NumpyBatchCollateFn):
+    """Ragged numpy rows -> padded tensors (dqo_ray.data.batch.pad_trajectories)."""
+
+    def __init__(self, pad_id: int, side: str = "right", pad_to_multiple: int = 8) -> None:
+        self.pad_id, self.side, self.pad_to_multiple = pad_id, side, pad_to_multiple
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        n = len(batch["traj_id"])
+        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+        out = pad_trajectories(rows, self.pad_id, self.side, self.pad_to_multiple)  # type: ignore[arg-type]
+        out["order_key"] = torch.as_tensor(batch["order_key"].astype(np.int64))
+        return out
+
+
+class EpochPlanner:
+    """Builds each epoch's ordered data once for all ranks and hands out equal splits.
+
+    Run as a Ray actor (`planner_actor`). One shuffle per epoch instead of one per rank, and
+    the next epoch is built in the background while the current one trains, so the fixed
+    latency of a Ray Data pipeline (seconds) is hidden once an epoch outlasts it. The epoch
+    is materialised in the object store (spilled to disk when large). `split(equal=True)`
+    drops at most world-1 rows so that every rank gets the same number of steps.
+    """
+
+    def __init__(self, store_root: str, rounds: Sequence[int] | None,
+                 weights: Mapping[int, float], seed: int, world_size: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = TrajectoryStore(store_root)
+        self.shards = self.store.shards(rounds)
+        self.weights, self.seed, self.world_size = dict(weights), seed, world_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-planner")
+        self._builds: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _build(self, epoch: int) -> list[Any]:
+        start = time.perf_counter()
+        ds = epoch_dataset(self.store, self.shards, self.weights, self.seed, epoch).materialize()
+        splits = ds.split(self.world_size, equal=True)
+        log.info("epoch %d: %d rows ordered and split %d ways in %.1fs", epoch, ds.count(),
+                 self.world_size, time.perf_counter() - start)
+        return splits
+
+    def _future(self, epoch: int) -> Any:
+        with self._lock:
+            if epoch not in self._builds:
+                self._builds[epoch] = self._pool.submit(self._build, epoch)
+            for old in [e for e in self._builds if e < epoch - 1]:
+                del self._builds[old]  # ranks move in lockstep; a restart rebuilds (same order)
+            return self._builds[epoch]
+
+    def split(self, epoch: int, rank: int) -> Any:
+        """Rank `rank`'s part of epoch `epoch` (a materialised Dataset); prefetches epoch+1."""
+        splits = self._future(epoch).result()
+        self._future(epoch + 1)
+        return splits[rank]
+
+
+def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mapping[int, float],
+                  seed: int, world_size: int) -> Any:
+    """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs)."""
+    remote_cls = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlanner)
+    return remote_cls.remote(store_root, rounds, weights, seed, world_size)
+
+
+def split_step_batches(split: ray.data.Dataset, micro_batch: int, grad_accum: int,
+                       skip_steps: int, collate: TrajectoryCollate,
+                       prefetch_batches: int = 4) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """This rank's micro-batches grouped per global step, after skipping `skip_steps` steps.
+    Each micro-batch carries `positions`: row indices within this rank's split."""
+    group: list[dict[str, torch.Tensor]] = []
+    batches = split.iter_torch_batches(batch_size=micro_batch, collate_fn=collate,
+                                       drop_last=True, prefetch_batches=prefetch_batches,
+                                       device="cpu")
+    for k, batch in enumerate(batches):
+        if k // grad_accum < skip_steps:
+            continue
+        batch["positions"] = torch.arange(k * micro_batch, (k + 1) * micro_batch)
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+
+
+# ------------------------------------------------------------------------------------------
+# Reference stage
+# ------------------------------------------------------------------------------------------
+
+class ReferenceScorer:
+    """Actor-pool map_batches class: log pi_ref of each response token, once per trajectory."""
+
+    def __init__(self, model_path: str, pad_id: int, use_gpu: bool = False) -> None:
+        from dqo_ray.models import load_policy
+        from dqo_ray.train.step import sequence_logprobs
+
+        torch.set_num_threads(1)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = load_policy(model_path, dtype=dtype).to(self.device).eval()
+        self.pad_id, self.score = pad_id, sequence_logprobs
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = [{"prompt_ids": p, "response_ids": r, "reward": 0.0, "finish_reason": "stop"}
+                for p, r in zip(batch["prompt_ids"], batch["response_ids"], strict=True)]
+        padded = pad_trajectories(rows, self.pad_id)
+        mask = padded["response_mask"][:, 1:]
+        logprobs = self.score(self.model, padded["input_ids"].to(self.device),
+                              padded["attention_mask"].to(self.device)).float().cpu()
+        per_row = [logprobs[i][mask[i]].numpy().astype(np.float32) for i in range(len(rows))]
+        out = np.empty(len(rows), dtype=object)
+        out[:] = per_row
+        return {"path": batch["path"], "traj_id": batch["traj_id"], "ref_logprobs": out}
+
+
+def score_reference(store: TrajectoryStore, model_path: str, pad_id: int,
+                    rounds: Sequence[int] | None = None, actors: int = 1,
+                    batch_size: int = 16, use_gpu: bool = False) -> int:
+    """Fills ref_logprobs (and unknown behaviour_logprobs := ref, i.e. data assumed sampled
+    from pi_ref) for every shard lacking them; persists per shard. Returns rows scored."""
+    pending = [s for s in store.shards(rounds) if not s.has_ref_logprobs]
+    if not pending:
+        log.info("reference stage: every shard already has ref_logprobs")
+        return 0
+    by_path = dict(zip(store.paths(pending), pending, strict=True))
+    total = sum(s.num_rows for s in pending)
+    log.info("reference stage: %d rows in %d shards, %d actor(s)", total, len(pending), actors)
+    _deterministic_context()
+    ds = ray.data.read_parquet(list(by_path), filesystem=store.filesystem,
+                               columns=["traj_id", "prompt_ids", "response_ids"],
+                               include_paths=True)
+    scored = ds.map_batches(ReferenceScorer, fn_constructor_kwargs={
+        "model_path": model_path, "pad_id": pad_id, "use_gpu": use_gpu},
+        batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1, batch_format="numpy")
+    partial: dict[str, dict[str, np.ndarray]] = {p: {} for p in by_path}
+    done, start = 0, time.perf_counter()
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        for path, traj_id, logprobs in zip(batch["path"], batch["traj_id"],
+                                           batch["ref_logprobs"], strict=True):
+            partial[_normalise(path, by_path)][traj_id] = logprobs
+        done += len(batch["traj_id"])
+        for path in [p for p, got in partial.items() if len(got) == by_path[p].num_rows]:
+            _persist(store, by_path[path], partial.pop(path))
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        log.info("reference stage: %d/%d rows (%.0f rows/s, ETA %.0fs)", done, total, rate,
+                 (total - done) / max(rate, 1e-9))
+    if partial:
+        raise RuntimeError(f"reference stage: shards {sorted(partial)} were not fully scored")
+    return done
+
+
+def _normalise(path: str, known: Mapping[str, ShardInfo]) -> str:
+    if path in known:
+        return path
+    for candidate in known:  # include_paths may drop or add a scheme / leading slash
+        if candidate.endswith(path.lstrip("/")) or path.endswith(candidate.lstrip("/")):
+            return candidate
+    raise KeyError(f"reference stage: unexpected path {path!r}")
+
+
+def _persist(store: TrajectoryStore, shard: ShardInfo, scores: dict[str, np.ndarray]) -> None:
+    table = store.read_table([shard])
+    traj_ids = table.column("traj_id").to_pylist()
+    ref = pa.array([scores[t].tolist() for t in traj_ids], type=pa.list_(pa.float32()))
+    behaviour = table.column("behaviour_logprobs").to_pylist()
+    behaviour = pa.array([b if b is not None else r for b, r in zip(behaviour, ref.to_pylist(),
+                                                                    strict=True)],
+                         type=pa.list_(pa.float32()))
+    table = table.set_column(table.schema.get_field_index("ref_logprobs"), "ref_logprobs", ref)
+    table = table.set_column(table.schema.get_field_index("behaviour_logprobs"),
+                             "behaviour_logprobs", behaviour)
+    store.replace_shard(shard, table)

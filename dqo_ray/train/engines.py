@@ -1,0 +1,179 @@
+"""Training engines behind one small interface: DeepSpeed (ZeRO 0-3) or plain torch (DDP).
+
+An engine owns one model, its optimizer and LR schedule. The loop calls, per micro-batch,
+`engine(...)` (forward), `engine.backward(loss)` and `engine.step()`; the optimizer update
+happens once every `grad_accum_steps` micro-batches, with gradient clipping. Policy and value
+get one engine each, so they have separate learning rates, schedules and optimizer states.
+`trainer.engine: auto` picks DeepSpeed when it imports, else torch, and logs the choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dqo_ray.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainEngine(Protocol):
+    module: nn.Module
+
+    def __call__(self, **inputs: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def lr(self) -> float: ...
+    def save(self, path: str | os.PathLike) -> None: ...  # collective: every rank calls
+    def load(self, path: str | os.PathLike) -> None: ...
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...  # collective; rank 0 gets it
+
+
+def lr_multiplier(step: int, cfg: TrainerConfig) -> float:
+    """Linear warm-up over warmup_steps, then constant / linear / cosine decay to 0 at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(progress, 1.0)
+    if cfg.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_engine_kind(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - deepspeed is a pinned dependency here
+        log.warning("trainer.engine=auto: DeepSpeed unavailable (%s); using plain torch", exc)
+        return "torch"
+    log.info("trainer.engine=auto: using DeepSpeed")
+    return "deepspeed"
+
+
+def _optimizer_and_schedule(model: nn.Module, lr: float, cfg: TrainerConfig):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
+    return optimizer, schedule
+
+
+class DeepSpeedTrainEngine:
+    def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig, bf16: bool) -> None:
+        import deepspeed
+
+        optimizer, schedule = _optimizer_and_schedule(model, lr, cfg)
+        config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum_steps,
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,  # the loop reports metrics itself
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=schedule, config=config)
+        self.module = self.engine.module
+        self.zero_stage = cfg.zero_stage
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/grad_accum_steps itself
+
+    def step(self) -> None:
+        self.engine.step()  # applies the update only at accumulation boundaries
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.engine.save_checkpoint(str(path), tag="ds")
+
+    def load(self, path: str | os.PathLike) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag="ds")
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.zero_stage == 3:  # parameters are partitioned: gather (collective)
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()
+
+
+class TorchTrainEngine:
+    """Plain torch with DDP when a process group exists; same semantics as the DeepSpeed one."""
+
+    def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig) -> None:
+        self.module = model
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.model = nn.parallel.DistributedDataParallel(model) if distributed else model
+        self.optimizer, self.schedule = _optimizer_and_schedule(model, lr, cfg)
+        self.cfg, self.micro_steps = cfg, 0
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum_steps).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.cfg.grad_accum_steps:
+            return
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.schedule.get_last_lr()[0])
+
+    def save(self, path: str | os.PathLike) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return  # replicas are identical under DDP
+        Path(path).mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict(), "micro_steps": self.micro_steps},
+                   Path(path) / "torch_state.pt")
+
+    def load(self, path: str | os.PathLike) -> None:
+        state = torch.load(Path(path) / "torch_state.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.micro_steps = state["micro_steps"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self.module.state_dict()
+
+
+def build_engine(kind: str, model: nn.Module, lr: float, cfg: TrainerConfig,
+                 bf16: bool = False) -> TrainEngine:
+    if kind == "deepspeed":
+        return DeepSpeedTrainEngine(model, lr, cfg, bf16)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    return TorchTrainEngine(model, lr, cfg)
+
+
+def init_single_process_group() -> None:
+    """A world of one (gloo) for running the loop without Ray, e.g. in benchmarks."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed reads these
+    dist.init_process_group("gloo", rank=0, world_size=1)

@@ -1,0 +1,225 @@
+"""The per-worker training loop. No Ray here: Ray Train (train/ray_trainer.py), the bare
+benchmark loop and the tests drive it through `WorkerIO`.
+
+Epoch accounting (what "no trajectory skipped or double-counted" means here):
+- An epoch is one pass over the mixed data set in a fixed order that depends only on
+  (data.shuffle_seed, epoch) (data/order.py). The order is cut into num_workers equal
+  contiguous parts (at most num_workers-1 rows dropped); global step s of the epoch trains
+  rows [s*L, (s+1)*L) of every rank's part, L = micro_batch_size * grad_accum_steps. A
+  trailing partial step is not trained in that epoch; the next epoch reshuffles.
+- A checkpoint records (epoch, step_in_epoch) with the optimizer and LR-schedule state. A
+  resumed run, after a worker failure or a restart of the job, continues at exactly the next
+  unconsumed step, so in the final history every row of an epoch is trained once at most and
+  every position before the last step exactly once (checked by tests/test_train_ray.py from
+  the ledger).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dqo_ray.config import Config
+from dqo_ray.models import load_policy, load_tokenizer, load_value, resolve_dtype
+from dqo_ray.train.engines import TrainEngine, build_engine, resolve_engine_kind
+from dqo_ray.train.step import loss_on_batch
+
+log = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer (global) steps done
+    epoch: int = 0
+    step_in_epoch: int = 0  # global steps done within `epoch`
+    rows: int = 0  # rows consumed in total (all workers)
+    tokens: int = 0  # response tokens consumed in total (all workers)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class WorkerIO:
+    rank: int
+    world_size: int
+    batches: Callable[[int, int], Iterator[list[Batch]]]
+    """(epoch, steps_to_skip) -> per remaining global step of the epoch, this rank's
+    grad_accum_steps micro-batches. Each micro-batch may carry `positions` [B] (epoch order)."""
+    report: Callable[[dict[str, float], Path | None], None]
+    """Called by every rank at the same steps; a checkpoint folder when one was written."""
+    resume_from: Path | None = None
+    scratch: Path = Path("/tmp/dqo-checkpoints")
+    ledger: Path | None = None
+    """When set, each rank appends the epoch positions it trained on per step (audits)."""
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    metrics_file: Path | None = None
+    """Rank 0 appends every report here as one JSON line."""
+
+
+def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1 or not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(packed)
+    return dict(zip(keys, (packed / world_size).tolist(), strict=True))
+
+
+def _sum_across_ranks(value: float, world_size: int) -> float:
+    if world_size == 1 or not dist.is_initialized():
+        return value
+    packed = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(packed)
+    return float(packed.item())
+
+
+def export_hf(engine: TrainEngine, folder: Path, rank: int, tokenizer_src: str | None) -> None:
+    """HF-format export (safetensors): loadable by transformers and vLLM. Collective."""
+    state_dict = engine.full_state_dict()
+    if rank == 0:
+        engine.module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        if tokenizer_src is not None:
+            load_tokenizer(tokenizer_src).save_pretrained(folder)
+
+
+def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
+    """Trains until trainer.max_steps global steps are done; returns the final state."""
+    tcfg, acfg = cfg.trainer, cfg.algo
+    kind = resolve_engine_kind(tcfg.engine)
+    dtype = resolve_dtype(cfg.model.dtype, io.device)
+    bf16 = dtype == torch.bfloat16
+    policy = load_policy(policy_path)
+    engines: dict[str, TrainEngine] = {}
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    engines["policy"] = build_engine(kind, policy.to(io.device), tcfg.policy_lr, tcfg, bf16)
+    if acfg.name in ("dqo", "dro"):
+        value = load_value(cfg.model.value, policy_path)
+        if cfg.model.gradient_checkpointing:
+            value.gradient_checkpointing_enable()
+        engines["value"] = build_engine(kind, value.to(io.device), tcfg.value_lr, tcfg, bf16)
+    for engine in engines.values():
+        engine.module.train()
+
+    state = TrainState()
+    if io.resume_from is not None:
+        for name, engine in engines.items():
+            engine.load(io.resume_from / f"{name}_state")
+        state = TrainState.load(io.resume_from / STATE_FILE)
+        if io.rank == 0:
+            log.info("resumed from %s at step %d (epoch %d, step %d of it)", io.resume_from,
+                     state.step, state.epoch, state.step_in_epoch)
+
+    resumed_from = state.step
+    rows_per_step = tcfg.micro_batch_size * tcfg.grad_accum_steps * io.world_size
+    window: list[dict[str, float]] = []
+    window_start, wait_total, window_tokens = time.perf_counter(), 0.0, 0
+    run_start, start_step = time.perf_counter(), state.step
+    while state.step < tcfg.max_steps:
+        stream = io.batches(state.epoch, state.step_in_epoch)
+        progressed = False
+        while state.step < tcfg.max_steps:
+            wait_start = time.perf_counter()
+            try:
+                micro_batches = next(stream)
+            except StopIteration:
+                break
+            wait_total += time.perf_counter() - wait_start
+            progressed = True
+            step_metrics: dict[str, float] = {}
+            tokens = 0
+            for micro in micro_batches:
+                batch = {k: v.to(io.device) for k, v in micro.items()}
+                out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg)
+                engines["policy"].backward(out.policy_loss)
+                if "value" in engines and out.value_loss is not None:
+                    engines["value"].backward(out.value_loss)
+                for engine in engines.values():
+                    engine.step()
+                tokens += int(batch["response_mask"].sum())
+                for k, v in out.metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / len(micro_batches)
+            if io.ledger is not None:
+                record = {"step": state.step + 1, "epoch": state.epoch}
+                for key in ("positions", "order_key"):
+                    record[key] = [v for m in micro_batches for v in m[key].tolist()]
+                with open(io.ledger / f"rank{io.rank}.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            state.step += 1
+            state.step_in_epoch += 1
+            state.rows += rows_per_step
+            step_tokens = int(_sum_across_ranks(tokens, io.world_size))
+            state.tokens += step_tokens
+            window_tokens += step_tokens
+            window.append(step_metrics)
+
+            checkpoint = state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps
+            if state.step % tcfg.log_every == 0 or checkpoint:
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                metrics["data_wait_frac"] = wait_total / max(elapsed, 1e-9)
+                metrics = _mean_across_ranks(metrics, io.world_size)
+                done = state.step - start_step
+                rate = done / max(time.perf_counter() - run_start, 1e-9)
+                metrics.update(step=state.step, epoch=state.epoch, rows=state.rows,
+                               resumed_from=resumed_from,
+                               tokens=state.tokens, steps_per_s=len(window) / elapsed,
+                               tokens_per_s=window_tokens / elapsed,
+                               lr_policy=engines["policy"].lr(),
+                               eta_s=(tcfg.max_steps - state.step) / max(rate, 1e-9))
+                if "value" in engines:
+                    metrics["lr_value"] = engines["value"].lr()
+                folder = _save_checkpoint(engines, state, io, policy_path) if checkpoint else None
+                if io.rank == 0:
+                    log.info("step %d/%d epoch %d loss %.4f | %.2f steps/s, data wait %.1f%%, "
+                             "ETA %.0fs", state.step, tcfg.max_steps, state.epoch,
+                             metrics["loss"], metrics["steps_per_s"],
+                             100 * metrics["data_wait_frac"], metrics["eta_s"])
+                io.report(metrics, folder)
+                if io.rank == 0 and io.metrics_file is not None:  # after report: a line with
+                    with open(io.metrics_file, "a") as f:  # checkpoint=true is registered
+                        f.write(json.dumps({**metrics, "time": time.time(),
+                                            "checkpoint": bool(folder)}) + "\n")
+                window, wait_total, window_tokens = [], 0.0, 0
+                window_start = time.perf_counter()
+        if not progressed:
+            raise RuntimeError(f"epoch {state.epoch} has no full global step of "
+                               f"{rows_per_step} rows: the data set is too small for "
+                               "micro_batch_size * grad_accum_steps * num_workers")
+        if state.step < tcfg.max_steps:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    return state
+
+
+def _save_checkpoint(engines: dict[str, TrainEngine], state: TrainState, io: WorkerIO,
+                     policy_path: str) -> Path:
+    """DeepSpeed/torch state for exact resume + HF exports; trainer_state.json written last."""
+    folder = io.scratch / f"rank{io.rank}" / f"checkpoint-{state.step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, engine in engines.items():
+        engine.save(folder / f"{name}_state")
+    export_hf(engines["policy"], folder / "policy", io.rank, policy_path)
+    if "value" in engines:
+        export_hf(engines["value"], folder / "value", io.rank, None)
+    if io.rank == 0:
+        state.save(folder / STATE_FILE)
+    return folder

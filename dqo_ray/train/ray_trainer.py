@@ -1,0 +1,115 @@
+"""Ray Train wiring: a TorchTrainer whose workers run train/loop.py on the store's stream.
+
+Fault tolerance: FailureConfig(max_failures) restarts the worker group after a worker dies;
+every worker then resumes from the last reported checkpoint (DeepSpeed state + epoch
+position). Re-running the same job with the same run folder resumes too: Ray Train V2 keeps
+a snapshot of reported checkpoints under run_dir/train and `get_checkpoint()` returns the
+latest, so a restarted job continues from it instead of step 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dqo_ray.config import Config, from_dict, to_dict
+from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_batches
+from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.models import load_tokenizer
+from dqo_ray.runtime import WORKER_ENV, init_ray
+from dqo_ray.train.loop import WorkerIO, run_training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # folder (or URI) of the final checkpoint
+    policy: str  # its HF-format policy export
+    metrics: dict[str, Any]
+
+
+def _worker_main(config: dict[str, Any]) -> None:
+    cfg = from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    if rank == 1 and config.get("pid_file"):  # lets tests kill a real worker process
+        Path(config["pid_file"]).write_text(str(os.getpid()))
+
+    planner = config["planner"]
+    collate = TrajectoryCollate(load_tokenizer(config["policy_path"]).pad_token_id)
+    tcfg = cfg.trainer
+
+    def batches(epoch: int, skip: int):
+        split = ray.get(planner.split.remote(epoch, rank))
+        return split_step_batches(split, tcfg.micro_batch_size, tcfg.grad_accum_steps, skip,
+                                  collate, tcfg.prefetch_batches)
+
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    scratch = Path(tempfile.mkdtemp(prefix="dqo-ckpt-"))
+    resume = ray.train.get_checkpoint()
+    resume_dir = Path(resume.to_directory(str(scratch / "resume"))) if resume else None
+    ledger = Path(config["ledger"]) if config.get("ledger") else None
+    device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
+    run_training(cfg, config["policy_path"], WorkerIO(
+        rank=rank, world_size=world, batches=batches, report=report, resume_from=resume_dir,
+        scratch=scratch, ledger=ledger, device=device,
+        metrics_file=Path(config["run_dir"]) / "train_metrics.jsonl"))
+
+
+def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None) -> TrainResult:
+    """Trains on the store's trajectories (with ref_logprobs) until trainer.max_steps."""
+    init_ray(cfg.ray)
+    store = TrajectoryStore(cfg.data.store)
+    shards = store.shards(cfg.data.rounds or None)
+    if not shards:
+        raise ValueError(f"data.store {cfg.data.store!r} has no shards for rounds "
+                         f"{cfg.data.rounds or 'all'}")
+    missing = [s.name for s in shards if not s.has_ref_logprobs]
+    if missing:
+        raise ValueError(f"shards {missing[:5]} lack ref_logprobs: run the reference stage")
+    run_dir = Path(cfg.run.run_dir).absolute()
+    ledger = None
+    if cfg.trainer.ledger:
+        ledger = run_dir / "ledger"
+        ledger.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.trainer
+    weights = {int(k): v for k, v in cfg.data.round_weights.items()}
+    planner = planner_actor(cfg.data.store, cfg.data.rounds or None, weights,
+                            cfg.data.shuffle_seed, tcfg.num_workers)
+    trainer = TorchTrainer(
+        _worker_main,
+        train_loop_config={"config": to_dict(cfg), "policy_path": str(policy_path),
+                           "run_dir": str(run_dir), "planner": planner,
+                           "ledger": str(ledger) if ledger else None, "pid_file": pid_file},
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train", storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep),
+            worker_runtime_env={"env_vars": WORKER_ENV}),
+    )
+    log.info("training %d workers on %d shards (%d rows) -> %s", tcfg.num_workers,
+             len(shards), sum(s.num_rows for s in shards), run_dir / "train")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+    path = result.checkpoint.path
+    return TrainResult(checkpoint=path, policy=f"{path}/policy", metrics=dict(result.metrics))

@@ -1,0 +1,64 @@
+"""Train on an existing trajectory store: reference stage, then Ray Train + DeepSpeed.
+
+    python -m jobs.train --config FILE [--set key=value ...]
+
+Resumable: re-running the same command continues from the last checkpoint of the run folder.
+Prints where the checkpoints are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
+from dqo_ray.data.pipeline import score_reference
+from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.models import load_tokenizer
+from dqo_ray.runtime import init_ray
+from dqo_ray.train.ray_trainer import train_on_store
+
+log = logging.getLogger("jobs.train")
+
+
+def resolve_checkpoint(name: str, cfg: Config, key: str) -> str:
+    """A checkpoint folder from the config; "tiny" means the run folder's base checkpoint."""
+    path = Path(cfg.run.run_dir) / "base" if name == "tiny" else Path(name)
+    if not (path / "config.json").exists():
+        hint = (" (model.policy=tiny uses run_dir/base, written by the demo or pipeline job)"
+                if name == "tiny" else "")
+        raise ConfigError([f"{key}: {name!r} -> {path} is not an HF checkpoint folder{hint}"])
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--kill-rank1-pid-file", help=argparse.SUPPRESS)  # fault-injection tests
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        policy = resolve_checkpoint(cfg.model.policy, cfg, "model.policy")
+        reference = resolve_checkpoint(cfg.model.reference or cfg.model.policy, cfg,
+                                       "model.reference")
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    log.info("resolved config: %s", save_resolved(cfg, cfg.run.run_dir))
+    init_ray(cfg.ray)
+    store = TrajectoryStore(cfg.data.store)
+    pad_id = load_tokenizer(policy).pad_token_id
+    score_reference(store, reference, pad_id, cfg.data.rounds or None, cfg.data.ref_actors,
+                    cfg.data.ref_batch_size, cfg.trainer.use_gpu)
+    result = train_on_store(cfg, policy, pid_file=args.kill_rank1_pid_file)
+    print(f"final checkpoint: {result.checkpoint}")
+    print(f"policy (HF format, loadable by vLLM): {result.policy}")
+    print(f"all checkpoints: {Path(result.checkpoint).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
