@@ -182,6 +182,46 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: Literal["gsm8k", "math", "math500", "tinymath"] = "gsm8k"
+    source: str | None = None
+    """Local .jsonl/.parquet file or folder (with train/test files), or a hub dataset name
+    (never in tests). None = the task's default hub name."""
+    split: str = "train"
+    limit: int | None = field(default=None, metadata=_range(ge=1))
+    """Use only the first `limit` problems (quick runs)."""
+    k_shot: int = field(default=0, metadata=_range(ge=0))
+    """Exemplars from the train split prepended to each prompt (8 for GSM8K, 4 for MATH with
+    base models; 0 for instruction-tuned models)."""
+    use_chat_template: bool = True
+    """Use the tokenizer's chat template when it has one; else a plain template."""
+
+
+@dataclass
+class GenerationConfig:
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """auto = vLLM where it imports (and, on CPU, where it is the faster choice), else HF."""
+    num_engines: int = field(default=1, metadata=_range(ge=1))
+    gpus_per_engine: int = field(default=0, metadata=_range(ge=0))
+    """>1 = tensor parallel over a placement group bundle per engine; 0 = CPU."""
+    cpus_per_engine: float = field(default=1.0, metadata=_range(gt=0))
+    samples_per_prompt: int = field(default=4, metadata=_range(ge=1))
+    temperature: float = field(default=1.0, metadata=_range(ge=0))
+    """0 = greedy. Behaviour log-probs are those of the tempered distribution."""
+    top_p: float = field(default=1.0, metadata=_range(gt=0, le=1))
+    max_new_tokens: int = field(default=256, metadata=_range(ge=1))
+    chunk_prompts: int = field(default=16, metadata=_range(ge=1))
+    """Prompts per work item handed to an engine actor (load balancing and retry unit)."""
+    seed: int = 0
+    kv_cache_gb: float = field(default=1.0, metadata=_range(gt=0))
+    """vLLM KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    process_reward_samples: int = field(default=0, metadata=_range(ge=0))
+    """m completions per step prefix for Monte-Carlo process rewards; 0 = off."""
+    process_reward_alpha: float = 1.0
+    step_delimiter: str = "\n"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -189,6 +229,8 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 # --------------------------------------------------------------------------------------------
