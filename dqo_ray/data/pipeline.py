@@ -66,7 +66,7 @@ def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
     """The mixed, ordered rows of one epoch (lazy)."""
     _deterministic_context()
     ds = ray.data.read_parquet(store.paths(shards), filesystem=store.filesystem,
-                               columns=TRAIN_COLUMNS)
+                               columns=TRAIN_COLUMNS, partitioning=None)
     ds = ds.map_batches(MixAndKey(weights, seed, epoch), batch_format="pyarrow")
     return ds.sort("order_key")
 
@@ -201,7 +201,7 @@ def score_reference(store: TrajectoryStore, model_path: str, pad_id: int,
     _deterministic_context()
     ds = ray.data.read_parquet(list(by_path), filesystem=store.filesystem,
                                columns=["traj_id", "prompt_ids", "response_ids"],
-                               include_paths=True)
+                               include_paths=True, partitioning=None)
     scored = ds.map_batches(ReferenceScorer, fn_constructor_kwargs={
         "model_path": model_path, "pad_id": pad_id, "use_gpu": use_gpu},
         batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
