@@ -54,6 +54,12 @@ class RunConfig:
     output_dir: str = "runs"
     """Root folder (local path or pyarrow filesystem URI); the run folder is output_dir/name."""
     seed: int = 0
+    tensorboard: bool = True
+    """Training metrics as TensorBoard event files in run_dir/tensorboard (rank 0)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `wandb` installed and logged in via WANDB_API_KEY)."""
+    mlflow: bool = False
+    """Also log to MLflow (needs `mlflow` installed; MLFLOW_TRACKING_URI from the environment)."""
 
     @property
     def run_dir(self) -> str:
@@ -221,6 +227,35 @@ class GenerationConfig:
     step_delimiter: str = "\n"
 
 
+EvalDataset = Literal["gsm8k", "math", "math500", "tinymath"]
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[EvalDataset] = field(default_factory=lambda: ["gsm8k"])
+    sources: dict[str, str] = field(default_factory=dict)
+    """Dataset name -> local file or folder; a dataset without one loads from the hub."""
+    split: str = "test"
+    limit: int | None = field(default=None, metadata=_range(ge=1))
+    """Score only the first `limit` problems of each dataset (quick runs)."""
+    samples: int = field(default=1, metadata=_range(ge=1))
+    """k sampled answers per problem besides the greedy one: maj@k, pass@k (1 = greedy only)."""
+    temperature: float = field(default=1.0, metadata=_range(gt=0))
+    max_new_tokens: int = field(default=512, metadata=_range(ge=1))
+    k_shot: int = field(default=0, metadata=_range(ge=0))
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    cpus: float = field(default=1.0, metadata=_range(gt=0))
+    gpus: int = field(default=0, metadata=_range(ge=0))
+
+    def check(self) -> list[str]:
+        unknown = [k for k in self.sources if k not in get_args(EvalDataset)]
+        return [f"eval.sources: {k!r} is not one of the eval datasets" for k in unknown]
+
+
+# Head sizes vLLM 0.32's CPU attention accepts; a tiny model outside them fails inside vLLM.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -231,6 +266,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> list[str]:
+        head_dim = self.model.tiny_hidden_size // self.model.tiny_heads
+        if (self.model.policy == "tiny" and self.generation.engine != "hf"
+                and head_dim not in VLLM_CPU_HEAD_SIZES):
+            return [f"model.tiny_hidden_size / model.tiny_heads = {head_dim} is not a head size "
+                    f"vLLM supports on CPU ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); "
+                    "change them or set generation.engine: hf"]
+        return []
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ WORKER_ENV = {
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
 }
 for _key in ("TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR",
-             "RAY_DATA_DISABLE_PROGRESS_BARS"):
+             "RAY_DATA_DISABLE_PROGRESS_BARS", "VLLM_ENABLE_V1_MULTIPROCESSING",
+             "VLLM_CPU_OMP_THREADS_BIND"):
     if _key in os.environ:
         WORKER_ENV[_key] = os.environ[_key]
 

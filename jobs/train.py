@@ -13,24 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
+from dqo_ray.config import ConfigError, add_config_args, config_from_args, save_resolved
 from dqo_ray.data.pipeline import score_reference
 from dqo_ray.data.store import TrajectoryStore
-from dqo_ray.models import load_tokenizer
+from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import init_ray
 from dqo_ray.train.ray_trainer import train_on_store
 
 log = logging.getLogger("jobs.train")
-
-
-def resolve_checkpoint(name: str, cfg: Config, key: str) -> str:
-    """A checkpoint folder from the config; "tiny" means the run folder's base checkpoint."""
-    path = Path(cfg.run.run_dir) / "base" if name == "tiny" else Path(name)
-    if not (path / "config.json").exists():
-        hint = (" (model.policy=tiny uses run_dir/base, written by the demo or pipeline job)"
-                if name == "tiny" else "")
-        raise ConfigError([f"{key}: {name!r} -> {path} is not an HF checkpoint folder{hint}"])
-    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        policy = resolve_checkpoint(cfg.model.policy, cfg, "model.policy")
-        reference = resolve_checkpoint(cfg.model.reference or cfg.model.policy, cfg,
+        policy = resolve_checkpoint(cfg.model.policy, cfg.run.run_dir, "model.policy")
+        reference = resolve_checkpoint(cfg.model.reference or cfg.model.policy, cfg.run.run_dir,
                                        "model.reference")
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -6,6 +6,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# vLLM engines run in-process in tests: ~3 s start instead of 25-60 s.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,8 +32,9 @@ def tiny_checkpoint(tmp_path_factory):
     """A tiny random policy + tokenizer saved as an HF checkpoint folder."""
     from dqo_ray.models import save_tiny_checkpoint
 
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_WORDS, hidden_size=32,
-                                layers=2, heads=4, seed=0)
+    # head_dim 32: the smallest vLLM's CPU attention supports
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_WORDS, hidden_size=64,
+                                layers=2, heads=2, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,8 @@ def test_defaults_are_valid_and_match_the_algorithm_doc():
      "trainer.warmup_steps: 10 must be < trainer.max_steps (10)"),
     ({"model": {"tiny_hidden_size": 30, "tiny_heads": 4}},
      "model.tiny_hidden_size: 30 is not divisible by model.tiny_heads (4)"),
+    ({"model": {"tiny_hidden_size": 64, "tiny_heads": 4}},
+     "model.tiny_hidden_size / model.tiny_heads = 16 is not a head size vLLM supports"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(raw, message):
     problems = problems_of(raw)

@@ -142,7 +142,7 @@ def test_dqo_learns_on_a_fixed_store(tmp_path, scored_store, tiny_checkpoint, ra
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 24
     assert (ckpt / "policy" / "model.safetensors").exists()
     assert isinstance(ValueModel.from_pretrained(ckpt / "value"), ValueModel)
-    assert len([p for p in (run_dir / "train").glob("checkpoint_*") if p.is_dir()]) == 2
+    assert len([p for p in (run_dir / "train").glob("checkpoint-*") if p.is_dir()]) == 2
     assert (run_dir / "config.resolved.yaml").exists()
     assert_exact_epoch_accounting(run_dir / "ledger", 24)
 

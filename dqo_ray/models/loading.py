@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -40,3 +41,16 @@ def load_tokenizer(path: str | os.PathLike):
         # Causal LMs often ship without a pad token; padding is masked out everywhere here.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def resolve_checkpoint(name: str, run_dir: str | os.PathLike, key: str) -> str:
+    """A checkpoint folder named in the config; "tiny" means the run folder's base checkpoint
+    (written by the demo / pipeline jobs). Raises ConfigError naming `key` otherwise."""
+    from dqo_ray.config import ConfigError
+
+    path = Path(run_dir) / "base" if name == "tiny" else Path(name)
+    if not (path / "config.json").exists():
+        hint = (" (model.policy=tiny uses run_dir/base, written by the demo or pipeline job)"
+                if name == "tiny" else "")
+        raise ConfigError([f"{key}: {name!r} -> {path} is not an HF checkpoint folder{hint}"])
+    return str(path)

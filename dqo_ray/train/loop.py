@@ -70,8 +70,8 @@ class WorkerIO:
     ledger: Path | None = None
     """When set, each rank appends the epoch positions it trained on per step (audits)."""
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    metrics_file: Path | None = None
-    """Rank 0 appends every report here as one JSON line."""
+    log_metrics: Callable[[dict[str, float], int], None] | None = None
+    """Rank 0's sink for every report (dqo_ray.tracking.MetricsLogger.log)."""
 
 
 def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
@@ -194,10 +194,8 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                              metrics["loss"], metrics["steps_per_s"],
                              100 * metrics["data_wait_frac"], metrics["eta_s"])
                 io.report(metrics, folder)
-                if io.rank == 0 and io.metrics_file is not None:  # after report: a line with
-                    with open(io.metrics_file, "a") as f:  # checkpoint=true is registered
-                        f.write(json.dumps({**metrics, "time": time.time(),
-                                            "checkpoint": bool(folder)}) + "\n")
+                if io.log_metrics is not None:  # after report: a line with checkpoint=true
+                    io.log_metrics({**metrics, "checkpoint": bool(folder)}, state.step)
                 window, wait_total, window_tokens = [], 0.0, 0
                 window_start = time.perf_counter()
         if not progressed:

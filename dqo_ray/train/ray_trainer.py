@@ -27,6 +27,7 @@ from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_b
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
 from dqo_ray.runtime import WORKER_ENV, init_ray
+from dqo_ray.tracking import MetricsLogger
 from dqo_ray.train.loop import WorkerIO, run_training
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,26 @@ def _worker_main(config: dict[str, Any]) -> None:
                                   collate, tcfg.prefetch_batches)
 
     def report(metrics: dict[str, float], folder: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if folder is None:
+            ray.train.report(metrics)
+            return
+        # A deterministic name (checkpoint-<step>) lets the evaluator find each checkpoint
+        # from the metrics file, which rank 0 writes only after Ray has committed it.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=folder.name)
 
     scratch = Path(tempfile.mkdtemp(prefix="dqo-ckpt-"))
     resume = ray.train.get_checkpoint()
     resume_dir = Path(resume.to_directory(str(scratch / "resume"))) if resume else None
     ledger = Path(config["ledger"]) if config.get("ledger") else None
     device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
+    logger = MetricsLogger(config["run_dir"], cfg.run, config["config"]) if rank == 0 else None
     run_training(cfg, config["policy_path"], WorkerIO(
         rank=rank, world_size=world, batches=batches, report=report, resume_from=resume_dir,
         scratch=scratch, ledger=ledger, device=device,
-        metrics_file=Path(config["run_dir"]) / "train_metrics.jsonl"))
+        log_metrics=logger.log if logger else None))
+    if logger is not None:
+        logger.close()
 
 
 def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None) -> TrainResult:
