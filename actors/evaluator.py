@@ -1,0 +1,166 @@
+"""The evaluator actor: scores checkpoints on the test sets while training goes on.
+
+    evaluator = start_evaluator(cfg, base_checkpoint)        # a Ray actor
+    ref = evaluator.evaluate.remote(checkpoint, step, round)  # queued; training does not wait
+    evaluator.watch.remote(run_dir)                           # or: follow a training run
+
+Per checkpoint and dataset: greedy accuracy, and with eval.samples = k > 1 the mean sample
+accuracy, maj@k and pass@k; MATH broken down by subject and level. Every result is appended
+to run_dir/results.jsonl and report.md + accuracy.png are rewritten. Checkpoints load through
+the engine interface (vLLM weight refresh in place, HF otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.engines import GenerationEngine, SamplingSpec, make_engine
+from dqo_ray.config import Config, TaskConfig
+from dqo_ray.evaluation import (
+    ProblemResult,
+    answer_key,
+    append_result,
+    majority_correct,
+    summarize,
+    write_report,
+)
+from dqo_ray.models import load_tokenizer
+from dqo_ray.tasks import grade_many
+from dqo_ray.tasks.items import PromptItem, load_items
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, model_path: str, run_dir: str,
+                 engine: GenerationEngine | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        ecfg = cfg.eval
+        self.engine = engine or make_engine(ecfg.engine, model_path, seed=cfg.run.seed,
+                                            kv_cache_gb=cfg.generation.kv_cache_gb)
+        self.loaded = model_path
+        tokenizer = load_tokenizer(model_path)
+        self.items: dict[str, list[PromptItem]] = {}
+        for name in ecfg.datasets:
+            task = TaskConfig(name=name, source=ecfg.sources.get(name), split=ecfg.split,
+                              limit=ecfg.limit, k_shot=ecfg.k_shot)
+            self.items[name] = load_items(task, tokenizer, cfg.run.seed)
+        self._lock = threading.Lock()  # one evaluation at a time on the engine
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._seen: set[str] = set()
+
+    def evaluate(self, checkpoint: str, step: int, round: int | None = None) -> list[dict]:
+        """Scores `checkpoint` (an HF folder) on every dataset; returns the result rows."""
+        with self._lock:
+            start = time.perf_counter()
+            if checkpoint != self.loaded:
+                self.engine.load_weights(checkpoint)
+                self.loaded = checkpoint
+            rows = [self._score(name, items, checkpoint, step, round)
+                    for name, items in self.items.items()]
+            write_report(self.run_dir)
+            log.info("evaluated %s (step %d) in %.1fs: %s", checkpoint, step,
+                     time.perf_counter() - start,
+                     ", ".join(f"{r['dataset']} {100 * r['greedy_acc']:.1f}%" for r in rows))
+            return rows
+
+    def _score(self, name: str, items: list[PromptItem], checkpoint: str, step: int,
+               round: int | None) -> dict[str, Any]:
+        ecfg, start = self.cfg.eval, time.perf_counter()
+        prompts = [list(i.prompt_ids) for i in items]
+        greedy = self.engine.generate(prompts, SamplingSpec(
+            n=1, temperature=0.0, max_new_tokens=ecfg.max_new_tokens))
+        task = items[0].task
+        greedy_ok = grade_many(task, [g[0].text for g in greedy], [i.gold for i in items])
+        sampled: list[list[Any]] = [[] for _ in items]
+        if ecfg.samples > 1:
+            sampled = self.engine.generate(prompts, SamplingSpec(
+                n=ecfg.samples, temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
+                seed=self.cfg.run.seed))
+        texts = [s.text for group in sampled for s in group]
+        sample_ok = grade_many(task, texts, [i.gold for i in items for _ in range(ecfg.samples)]) \
+            if texts else []
+        results = []
+        for p, item in enumerate(items):
+            ok = sample_ok[p * ecfg.samples:(p + 1) * ecfg.samples] if texts else []
+            keys = [answer_key(task, s.text) for s in sampled[p]]
+            majority = majority_correct(keys, ok) if keys else None
+            results.append(ProblemResult(item.prompt_id, name, greedy_ok[p], list(ok), keys,
+                                         majority, dict(item.meta)))
+        predictions = self.run_dir / "predictions" / f"{name}-step{step:07d}.jsonl"
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        with open(predictions, "w") as f:  # what the model actually wrote, for people to read
+            for item, group, result in zip(items, greedy, results, strict=True):
+                f.write(json.dumps({"problem_id": item.prompt_id, "gold": item.gold,
+                                    "greedy": group[0].text, "correct": result.greedy_correct,
+                                    "samples_correct": result.sample_correct}) + "\n")
+        row = {"checkpoint": checkpoint, "step": step, "round": round, "dataset": name,
+               "time": time.time(), "eval_seconds": time.perf_counter() - start,
+               **summarize(results, ecfg.samples if ecfg.samples > 1 else None)}
+        append_result(self.run_dir, row)
+        return row
+
+    # -- following a training run -----------------------------------------------------------
+
+    def watch(self, train_run_dir: str, round: int | None = None, poll_s: float = 1.0) -> None:
+        """Evaluates every checkpoint a training run commits, in a background thread, until
+        `stop_watching`. Checkpoints are announced by rank 0's metrics file (a line with
+        checkpoint=true is written after Ray committed checkpoint-<step>)."""
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self._follow, args=(Path(train_run_dir), round,
+                                                                    poll_s), daemon=True)
+        self._watcher.start()
+
+    def _pending(self, run: Path) -> list[tuple[int, Path]]:
+        found = []
+        metrics = run / "train_metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line being written right now
+                if record.get("checkpoint"):
+                    path = run / "train" / f"checkpoint-{int(record['step']):07d}" / "policy"
+                    if str(path) not in self._seen:
+                        found.append((int(record["step"]), path))
+        return found
+
+    def _follow(self, run: Path, round: int | None, poll_s: float) -> None:
+        while True:
+            stopping = self._stop.is_set()  # read before the scan: drain once after stop
+            for step, path in self._pending(run):
+                self._seen.add(str(path))
+                if not path.exists():
+                    log.warning("checkpoint %s was removed (num_to_keep) before evaluation",
+                                path)
+                    continue
+                self.evaluate(str(path), step, round)
+            if stopping:
+                return
+            time.sleep(poll_s)
+
+    def stop_watching(self) -> int:
+        """Stops following after evaluating every checkpoint announced so far; returns how
+        many checkpoints were evaluated in total."""
+        if self._watcher is not None:
+            self._stop.set()
+            self._watcher.join()
+            self._watcher = None
+        return len(self._seen)
+
+
+def start_evaluator(cfg: Config, model_path: str, run_dir: str) -> Any:
+    """The evaluator as a Ray actor (GPU when eval.gpus > 0)."""
+    options: dict[str, Any] = {"num_cpus": cfg.eval.cpus, "max_concurrency": 4}
+    if cfg.eval.gpus:
+        options["num_gpus"] = cfg.eval.gpus
+    return ray.remote(Evaluator).options(**options).remote(cfg, model_path, run_dir)

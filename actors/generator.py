@@ -1,0 +1,276 @@
+"""GeneratorPool: Ray actors holding generation engines (vLLM, HF fallback) that sample
+responses, grade them, optionally add Monte-Carlo process rewards, and write trajectories.
+
+    pool = GeneratorPool(cfg, checkpoint)          # N engine actors
+    summary = pool.generate(items, round=1, policy_version=1, store=store)
+    pool.load_weights(new_checkpoint)              # in place, no restart
+
+Work is handed out in chunks of `generation.chunk_prompts` prompts, one chunk in flight per
+actor, so fast actors take more chunks. An actor that dies is replaced (with the current
+weights) and its chunk re-issued. Trajectory ids are a function of (round, prompt_id, sample
+index) and a prompt's samples are always written together, so a re-issued chunk or a resumed
+run can never duplicate a trajectory: prompts already in the store for the round are skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors.engines import SamplingSpec, make_engine
+from dqo_ray.algo.process_rewards import shaped_step_rewards, step_ends
+from dqo_ray.config import Config
+from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.models import load_tokenizer
+from dqo_ray.tasks import grade_many
+from dqo_ray.tasks.items import PromptItem
+
+log = logging.getLogger(__name__)
+
+
+def traj_id_for(round: int, prompt_id: str, sample_index: int) -> str:
+    digest = hashlib.sha1(prompt_id.encode()).hexdigest()[:16]
+    return f"r{round}-{digest}-{sample_index}"
+
+
+def _chunk_seed(base: int, items: Sequence[PromptItem]) -> int:
+    """Per-chunk seed from its prompts: reproducible, and different across chunks."""
+    digest = hashlib.sha1("\x1f".join(i.prompt_id for i in items).encode()).digest()
+    return (base + int.from_bytes(digest[:4], "little")) % 2**31
+
+
+class EngineWorker:
+    """The body of one engine actor: sample, grade, score process rewards, build rows."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        self.cfg, self.gen = cfg, cfg.generation
+        self.engine = make_engine(self.gen.engine, model_path, kv_cache_gb=self.gen.kv_cache_gb,
+                                  seed=self.gen.seed,
+                                  tensor_parallel=max(1, self.gen.gpus_per_engine))
+        self.tokenizer = load_tokenizer(model_path)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def load_weights(self, checkpoint_dir: str) -> None:
+        self.engine.load_weights(checkpoint_dir)
+
+    def run_chunk(self, items: Sequence[PromptItem], round: int,
+                  policy_version: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        start = time.perf_counter()
+        gen, algo = self.gen, self.cfg.algo
+        spec = SamplingSpec(n=gen.samples_per_prompt, temperature=gen.temperature,
+                            top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                            seed=_chunk_seed(gen.seed, items))
+        samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
+        flat = [(item, j, s) for item, group in zip(items, samples, strict=True)
+                for j, s in enumerate(group)]
+        correct = grade_many(items[0].task, [s.text for _, _, s in flat],
+                             [item.gold for item, _, _ in flat])
+        rows = []
+        for (item, j, sample), ok in zip(flat, correct, strict=True):
+            rows.append(dict(
+                traj_id=traj_id_for(round, item.prompt_id, j), prompt_id=item.prompt_id,
+                round=round, policy_version=policy_version, dataset=item.dataset,
+                prompt=item.prompt, response=sample.text, prompt_ids=list(item.prompt_ids),
+                response_ids=list(sample.token_ids), behaviour_logprobs=list(sample.logprobs),
+                reward=algo.reward_correct if ok else algo.reward_incorrect, correct=ok,
+                finish_reason=sample.finish_reason, step_ends=None, step_rewards=None,
+                ref_logprobs=None))
+        if gen.process_reward_samples > 0:
+            self._add_process_rewards(items, rows)
+        tokens = sum(len(r["response_ids"]) for r in rows)
+        return rows, {"tokens": tokens, "seconds": time.perf_counter() - start}
+
+    def _add_process_rewards(self, items: Sequence[PromptItem], rows: list[dict]) -> None:
+        """p_0 from m completions of the prompt; p_k from m completions of each step prefix;
+        p_K = the graded outcome. Completions get the full max_new_tokens budget."""
+        gen = self.gen
+        m = gen.process_reward_samples
+        by_prompt = {item.prompt_id: item for item in items}
+        prefixes: list[list[int]] = []  # prompt_ids (+ response prefix) to complete
+        prefix_text: list[str] = []  # response text already written in the prefix
+        golds: list[str] = []
+        owners: list[tuple[str, int | None, int]] = []  # (prompt_id | traj_id, row, step)
+        for item in items:
+            prefixes.append(list(item.prompt_ids))
+            prefix_text.append("")
+            golds.append(item.gold)
+            owners.append((item.prompt_id, None, 0))
+        ends_by_row = []
+        for r, row in enumerate(rows):
+            texts = [self.tokenizer.decode([t]) for t in row["response_ids"]]
+            ends = step_ends(texts, gen.step_delimiter)
+            ends_by_row.append(ends)
+            for k, end in enumerate(ends[:-1], start=1):  # the last step's value is the outcome
+                ids = row["response_ids"][: end + 1]
+                prefixes.append(row["prompt_ids"] + ids)
+                prefix_text.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+                golds.append(by_prompt[row["prompt_id"]].gold)
+                owners.append((row["traj_id"], r, k))
+        # Values are estimated by sampling, even when the main responses were greedy.
+        spec = SamplingSpec(n=m, temperature=gen.temperature or 1.0, top_p=gen.top_p,
+                            max_new_tokens=gen.max_new_tokens,
+                            seed=_chunk_seed(gen.seed + 1, items))
+        completions = self.engine.generate(prefixes, spec)
+        texts = [prefix_text[i] + c.text for i, group in enumerate(completions) for c in group]
+        grades = grade_many(items[0].task, texts, [g for g in golds for _ in range(m)])
+        value = [sum(grades[i * m:(i + 1) * m]) / m for i in range(len(prefixes))]
+        p0 = {owners[i][0]: value[i] for i in range(len(items))}
+        step_values: dict[int, dict[int, float]] = collections.defaultdict(dict)
+        for i in range(len(items), len(prefixes)):
+            _, r, k = owners[i]
+            step_values[r][k] = value[i]
+        for r, row in enumerate(rows):
+            ends = ends_by_row[r]
+            values = [p0[row["prompt_id"]]]
+            values += [step_values[r][k] for k in range(1, len(ends))]
+            values.append(1.0 if row["correct"] else 0.0)
+            row["step_ends"] = ends
+            row["step_rewards"] = shaped_step_rewards(values, gen.process_reward_alpha)
+
+
+@dataclass
+class GenerationSummary:
+    prompts: int
+    samples: int
+    skipped_prompts: int  # already in the store for this round (resume)
+    accuracy: float
+    mean_response_tokens: float
+    tokens_per_s: float
+    seconds: float
+    replaced_actors: int
+    shards: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"prompts {self.prompts} (skipped {self.skipped_prompts} already stored), "
+                f"samples {self.samples}, accuracy {self.accuracy:.3f}, mean length "
+                f"{self.mean_response_tokens:.1f} tokens, {self.tokens_per_s:.0f} tokens/s, "
+                f"{self.seconds:.1f}s, actors replaced {self.replaced_actors}, "
+                f"shards {len(self.shards)}")
+
+
+class GeneratorPool:
+    """N EngineWorker actors; see the module docstring."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        self.cfg, self.model_path, self.weights = cfg, model_path, model_path
+        self.replaced = 0
+        self.actors = [self._spawn() for _ in range(cfg.generation.num_engines)]
+        ray.get([a.ping.remote() for a in self.actors])  # fail fast if an engine cannot start
+
+    def _spawn(self) -> Any:
+        gen = self.cfg.generation
+        options: dict[str, Any] = {"num_cpus": gen.cpus_per_engine, "max_restarts": 0}
+        if gen.gpus_per_engine == 1:
+            options["num_gpus"] = 1
+        elif gen.gpus_per_engine > 1:
+            # Tensor parallel: reserve the engine's GPUs as one placement group; vLLM starts its
+            # TP workers inside it (distributed executor "ray"). Not exercised on CPU machines.
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            group = placement_group([{"GPU": 1, "CPU": 1}] * gen.gpus_per_engine)
+            ray.get(group.ready())
+            options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_capture_child_tasks=True))
+        actor = ray.remote(EngineWorker).options(**options).remote(self.cfg, self.model_path)
+        if self.weights != self.model_path:
+            actor.load_weights.remote(self.weights)  # runs before any later call on it
+        return actor
+
+    def load_weights(self, checkpoint_dir: str) -> None:
+        """Refreshes every engine's weights in place (vLLM: reload + prefix-cache reset)."""
+        start = time.perf_counter()
+        self.weights = checkpoint_dir
+        refs = [a.load_weights.remote(checkpoint_dir) for a in self.actors]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                log.warning("engine %d died during the weight refresh; replacing it", i)
+                self.actors[i] = self._spawn()
+                self.replaced += 1
+        log.info("weights refreshed from %s in %.2fs", checkpoint_dir, time.perf_counter() - start)
+
+    def generate(self, items: Sequence[PromptItem], round: int, policy_version: int,
+                 store: TrajectoryStore, shard_rows: int = 2048,
+                 on_chunk: Callable[[int, GeneratorPool], None] | None = None
+                 ) -> GenerationSummary:
+        """Samples every prompt not yet stored for `round`; writes shards as chunks complete."""
+        start = time.perf_counter()
+        n = self.cfg.generation.samples_per_prompt
+        stored = store.traj_ids([round])
+        todo = [i for i in items if traj_id_for(round, i.prompt_id, 0) not in stored]
+        size = self.cfg.generation.chunk_prompts
+        pending = collections.deque(todo[k:k + size] for k in range(0, len(todo), size))
+        inflight: dict[Any, tuple[int, list[PromptItem]]] = {}
+        buffer: list[dict] = []
+        seen: set[str] = set()
+        summary = GenerationSummary(len(todo), 0, len(items) - len(todo), 0.0, 0.0, 0.0, 0.0, 0)
+        correct = tokens = chunks_done = 0
+        replaced_before = self.replaced
+
+        def submit(slot: int) -> None:
+            if pending:
+                chunk = pending.popleft()
+                inflight[self.actors[slot].run_chunk.remote(chunk, round, policy_version)] = \
+                    (slot, chunk)
+
+        def flush() -> None:
+            if buffer:
+                summary.shards.append(store.write_shard(list(buffer), round=round).name)
+                buffer.clear()
+
+        for slot in range(len(self.actors)):
+            submit(slot)
+        while inflight:
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            slot, chunk = inflight.pop(ref)
+            try:
+                rows, stats = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                log.warning("engine %d died (%s); replacing it and re-issuing its %d prompts",
+                            slot, type(exc).__name__, len(chunk))
+                self.actors[slot] = self._spawn()
+                self.replaced += 1
+                pending.appendleft(chunk)
+                submit(slot)
+                continue
+            fresh = [r for r in rows if r["traj_id"] not in seen]
+            seen.update(r["traj_id"] for r in fresh)
+            buffer.extend(fresh)
+            summary.samples += len(fresh)
+            correct += sum(r["correct"] for r in fresh)
+            tokens += sum(len(r["response_ids"]) for r in fresh)
+            chunks_done += 1
+            if len(buffer) >= shard_rows:
+                flush()
+            elapsed = time.perf_counter() - start
+            done = summary.samples // n
+            log.info("generation round %d: %d/%d prompts, %d samples, %.0f tokens/s, ETA %.0fs",
+                     round, done, len(todo), summary.samples, tokens / elapsed,
+                     (len(todo) - done) * elapsed / max(done, 1))
+            if on_chunk is not None:
+                on_chunk(chunks_done, self)
+            submit(slot)
+        flush()
+        summary.seconds = time.perf_counter() - start
+        summary.accuracy = correct / max(summary.samples, 1)
+        summary.mean_response_tokens = tokens / max(summary.samples, 1)
+        summary.tokens_per_s = tokens / max(summary.seconds, 1e-9)
+        summary.replaced_actors = self.replaced - replaced_before
+        return summary
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,32 @@
+"""Checkpoint evaluation, pure logic: metrics (pass@k, majority voting, per-dataset
+summaries) and the results file / report / plot they feed. The evaluator actor
+(`actors/evaluator.py`) generates and grades; everything it computes from the verdicts is here.
+"""
+
+from dqo_ray.evaluation.metrics import (
+    ProblemResult,
+    answer_key,
+    latex_answer_key,
+    majority_correct,
+    majority_vote,
+    numeric_answer_key,
+    pass_at_k,
+    register_answer_key,
+    summarize,
+)
+from dqo_ray.evaluation.report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    RESULTS_FILE,
+    append_result,
+    read_results,
+    result_row,
+    write_report,
+)
+
+__all__ = [
+    "PLOT_FILE", "REPORT_FILE", "RESULTS_FILE", "ProblemResult", "answer_key",
+    "append_result", "latex_answer_key", "majority_correct", "majority_vote",
+    "numeric_answer_key", "pass_at_k", "read_results", "register_answer_key", "result_row",
+    "summarize", "write_report",
+]

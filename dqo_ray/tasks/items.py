@@ -1,0 +1,52 @@
+"""Problems -> prompt items (templated text + token ids + gold), shared by generation and
+evaluation. Pure: no Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dqo_ray.config import TaskConfig
+from dqo_ray.tasks.datasets import Problem, load_problems
+from dqo_ray.tasks.prompts import build_prompt, select_exemplars
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    prompt_id: str
+    dataset: str
+    task: str  # grader name for dqo_ray.tasks.grade
+    prompt: str  # the templated prompt text
+    prompt_ids: list[int]
+    gold: str  # gold final answer
+    meta: tuple[tuple[str, Any], ...] = ()  # e.g. MATH level / subject, for breakdowns
+
+
+def grader_task(task: str) -> str:
+    return "math" if task == "math500" else task
+
+
+def prompt_items(problems: Sequence[Problem], tokenizer: Any, task: TaskConfig,
+                 exemplars: Sequence[Problem] = ()) -> list[PromptItem]:
+    items = []
+    for problem in problems:
+        text = build_prompt(problem, tokenizer, task=task.name, k_shot=len(exemplars),
+                            exemplars=list(exemplars) or None,
+                            use_chat_template=task.use_chat_template)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        items.append(PromptItem(problem.problem_id, problem.dataset, grader_task(task.name),
+                                text, list(ids), problem.answer,
+                                tuple(sorted(problem.meta.items()))))
+    return items
+
+
+def load_items(task: TaskConfig, tokenizer: Any, seed: int = 0) -> list[PromptItem]:
+    """The task's problems (task.split, task.limit) as prompt items, with k-shot exemplars
+    drawn from the train split when task.k_shot > 0."""
+    problems = load_problems(task.name, task.source, task.split, task.limit)
+    exemplars: list[Problem] = []
+    if task.k_shot:
+        exemplars = select_exemplars(load_problems(task.name, task.source, "train"),
+                                     task.k_shot, seed)
+    return prompt_items(problems, tokenizer, task, exemplars)
