@@ -27,10 +27,10 @@ if __name__ == "__main__":  # vLLM may spawn processes: everything runs under th
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 
     import torch
+    from train_throughput import machine
 
     from actors.engines import SamplingSpec, make_engine
     from dqo_ray.models import build_word_tokenizer, load_policy, tiny_llama
-    from train_throughput import machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
