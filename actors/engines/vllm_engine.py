@@ -89,6 +89,12 @@ class VLLMEngine:
                       tensor_parallel_size=tensor_parallel, logprobs_mode=LOGPROBS_MODE,
                       enforce_eager=on_cpu,
                       worker_extension_cls=f"{__name__}.DQOWorkerExtension")
+        if on_cpu:
+            # vLLM 0.32 on CPU: when a seeded request's prefill is split across steps (chunked
+            # prefill, large batches), vLLM rewinds its generator and crashes with "CPU
+            # Generator does not use offset". Without chunked prefill a prompt that does not
+            # fit waits for the next step whole, so per-request seeds stay usable.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs)
         # An in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, as in tests) initialises a
         # torch.distributed group of one and replaces torch.set_num_threads in this process;
