@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A local multi-node Ray cluster on one machine: a head node and N worker nodes (separate
+# raylets), each with its own logical CPUs. Used by tests of multi-node placement.
+#   cluster/local_cluster.sh start [N_WORKERS]   -> prints the address to use
+#   cluster/local_cluster.sh stop
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY="${RAY:-.venv/bin/ray}"
+PORT="${RAY_LOCAL_PORT:-6390}"
+case "${1:-}" in
+  start)
+    workers="${2:-1}"
+    "$RAY" start --head --port="$PORT" --num-cpus=2 --resources='{"local_head": 1}' \
+        --dashboard-host=127.0.0.1 --disable-usage-stats >/dev/null
+    for i in $(seq 1 "$workers"); do
+        "$RAY" start --address="127.0.0.1:$PORT" --num-cpus=2 \
+            --resources="{\"local_worker_$i\": 1}" --disable-usage-stats >/dev/null
+    done
+    echo "127.0.0.1:$PORT"
+    ;;
+  stop)
+    "$RAY" stop --force >/dev/null 2>&1 || true
+    ;;
+  *)
+    echo "usage: $0 start [N_WORKERS] | stop" >&2
+    exit 2
+    ;;
+esac
