@@ -24,6 +24,18 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)
 
+# Real GSM8K / MATH files (with licenses) beside the repo: ../shared/data.
+DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(sub: str) -> Path:
+    """A folder of ../shared/data; skips the test (saying why) when it is not there."""
+    path = DATA / sub
+    if not path.is_dir():
+        pytest.skip(f"{path} not found: these tests need ../shared/data beside the repo")
+    return path
+
+
 TINY_WORDS = ("Tom", "has", "apples", "gives", "away", "How", "many", "left")
 
 

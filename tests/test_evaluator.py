@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import REPO, write_toy_store
+from conftest import DATA, write_toy_store
 from PIL import Image
 
 from actors.engines import Sample
@@ -17,7 +17,6 @@ from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems
 from dqo_ray.train.ray_trainer import train_on_store
 
-DATA = REPO.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 

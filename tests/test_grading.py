@@ -2,9 +2,9 @@
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import shared_data
 
 from dqo_ray.tasks import (
     configure_grading,
@@ -15,15 +15,6 @@ from dqo_ray.tasks import (
     register_grader,
 )
 from dqo_ray.tasks import grading as grading_mod
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _data(sub: str) -> Path:
-    path = DATA / sub
-    if not path.is_dir():
-        pytest.skip(f"{path} not found: these tests need ../shared/data beside the repo")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def short_timeout():
 # --------------------------------------------------------------------------------------------
 
 def test_gold_sweep_gsm8k():
-    folder = _data("gsm8k")
+    folder = shared_data("gsm8k")
     problems = load_problems("gsm8k", str(folder), "train") + \
         load_problems("gsm8k", str(folder), "test")
     assert len(problems) == 7473 + 1319
@@ -51,7 +42,7 @@ def test_gold_sweep_gsm8k():
 
 
 def test_gold_sweep_math_test():
-    problems = load_problems("math", str(_data("math")), "test")
+    problems = load_problems("math", str(shared_data("math")), "test")
     assert len(problems) == 5000
     start = time.perf_counter()
     verdicts = grade_many("math", [p.solution for p in problems], [p.answer for p in problems])
@@ -60,7 +51,7 @@ def test_gold_sweep_math_test():
 
 
 def test_gold_sweep_math500_against_answer_field():
-    problems = load_problems("math500", str(_data("math")), "test")
+    problems = load_problems("math500", str(shared_data("math")), "test")
     assert len(problems) == 500
     verdicts = grade_many("math500", [p.solution for p in problems],
                           [p.answer for p in problems])
@@ -71,7 +62,7 @@ def test_math500_answers_verify_through_math_verify():
     """The string fast path settles the sweeps above; this sends all 500 MATH500 answers
     through math_verify itself (solution's box vs the `answer` field), so its parsing of every
     answer form in the set is checked too."""
-    problems = load_problems("math500", str(_data("math")), "test")
+    problems = load_problems("math500", str(shared_data("math")), "test")
     jobs = [(p.answer, extract_boxed(p.solution)) for p in problems]
     start = time.perf_counter()
     verdicts = grading_mod._POOL.run(jobs)
@@ -82,7 +73,7 @@ def test_math500_answers_verify_through_math_verify():
 @pytest.mark.slow
 def test_math_test_answers_verify_through_math_verify():
     """All 5000 MATH test answers, each against itself, through math_verify (~10 s/core)."""
-    problems = load_problems("math", str(_data("math")), "test")
+    problems = load_problems("math", str(shared_data("math")), "test")
     verdicts = grading_mod._POOL.run([(p.answer, p.answer) for p in problems])
     assert [p.problem_id for p, ok in zip(problems, verdicts, strict=True) if not ok] == []
 
