@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dqo_ray.config import Config
+from dqo_ray.config import AlgoConfig, Config
 from dqo_ray.models import load_policy, load_tokenizer, load_value, resolve_dtype
 from dqo_ray.train.engines import TrainEngine, build_engine, resolve_engine_kind
 from dqo_ray.train.step import loss_on_batch
@@ -144,19 +144,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                 break
             wait_total += time.perf_counter() - wait_start
             progressed = True
-            step_metrics: dict[str, float] = {}
-            tokens = 0
-            for micro in micro_batches:
-                batch = {k: v.to(io.device) for k, v in micro.items()}
-                out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg)
-                engines["policy"].backward(out.policy_loss)
-                if "value" in engines and out.value_loss is not None:
-                    engines["value"].backward(out.value_loss)
-                for engine in engines.values():
-                    engine.step()
-                tokens += int(batch["response_mask"].sum())
-                for k, v in out.metrics.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / len(micro_batches)
+            step_metrics, tokens = _train_step(engines, micro_batches, acfg, io.device)
             if io.ledger is not None:
                 record = {"step": state.step + 1, "epoch": state.epoch}
                 for key in ("positions", "order_key"):
@@ -198,7 +186,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                     io.log_metrics({**metrics, "checkpoint": bool(folder)}, state.step)
                 window, wait_total, window_tokens = [], 0.0, 0
                 window_start = time.perf_counter()
-        if not progressed:
+        if not progressed and state.step_in_epoch == 0:  # a fresh epoch, not a finished one
             raise RuntimeError(f"epoch {state.epoch} has no full global step of "
                                f"{rows_per_step} rows: the data set is too small for "
                                "micro_batch_size * grad_accum_steps * num_workers")
@@ -206,6 +194,26 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
             state.epoch += 1
             state.step_in_epoch = 0
     return state
+
+
+def _train_step(engines: dict[str, TrainEngine], micro_batches: list[Batch], acfg: AlgoConfig,
+                device: torch.device) -> tuple[dict[str, float], int]:
+    """One optimizer step over grad_accum micro-batches; returns (mean metrics, tokens)."""
+    metrics: dict[str, float] = {}
+    tokens = 0
+    for micro in micro_batches:
+        batch = {k: v.to(device) for k, v in micro.items()}
+        out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg)
+        # The two losses reach disjoint parameters, so each engine backpropagates its own.
+        engines["policy"].backward(out.policy_loss)
+        if "value" in engines and out.value_loss is not None:
+            engines["value"].backward(out.value_loss)
+        for engine in engines.values():
+            engine.step()  # updates only at the accumulation boundary
+        tokens += int(batch["response_mask"].sum())
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / len(micro_batches)
+    return metrics, tokens
 
 
 def _save_checkpoint(engines: dict[str, TrainEngine], state: TrainState, io: WorkerIO,

@@ -1,0 +1,97 @@
+"""The training loop without Ray: exact resume, including from a checkpoint that closes an
+epoch (the stream of that epoch is then empty and the loop must move on, not fail)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dqo_ray.config import load_config
+from dqo_ray.data.batch import pad_trajectories
+from dqo_ray.train.engines import init_single_process_group
+from dqo_ray.train.loop import WorkerIO, run_training
+
+ROWS, MICRO, ACCUM = 64, 8, 2  # 4 global steps per epoch
+
+
+@pytest.fixture
+def process_group():
+    init_single_process_group()
+    yield
+    dist.destroy_process_group()  # later tests start in-process vLLM engines
+
+
+def batches_for(epoch_rows):
+    def stream(epoch, skip):
+        gen = torch.Generator().manual_seed(epoch)  # each epoch its own, fixed order
+        order = torch.randperm(len(epoch_rows), generator=gen).tolist()
+        rows = [epoch_rows[i] for i in order]
+        for s in range(skip, len(rows) // (MICRO * ACCUM)):
+            group = []
+            for m in range(ACCUM):
+                start = (s * ACCUM + m) * MICRO
+                batch = pad_trajectories(rows[start:start + MICRO], pad_id=0)
+                batch["positions"] = torch.arange(start, start + MICRO)
+                batch["order_key"] = batch["positions"]
+                group.append(batch)
+            yield group
+    return stream
+
+
+def toy_rows():
+    gen = torch.Generator().manual_seed(0)
+    return [dict(traj_id=str(i), prompt_ids=[5, 6, 7],
+                 response_ids=torch.randint(4, 30, (5,), generator=gen).tolist(),
+                 behaviour_logprobs=[-2.0] * 5, ref_logprobs=[-2.0] * 5,
+                 reward=float(i % 2), finish_reason="stop") for i in range(ROWS)]
+
+
+class Crash(Exception):
+    pass
+
+
+def run(checkpoint, engine, max_steps, scratch, resume=None, crash_after=None):
+    cfg = load_config(None, [f"trainer.engine={engine}", "trainer.zero_stage=1",
+                             f"trainer.micro_batch_size={MICRO}",
+                             f"trainer.grad_accum_steps={ACCUM}", f"trainer.max_steps={max_steps}",
+                             "trainer.log_every=1", "trainer.checkpoint_every=4",
+                             "trainer.policy_lr=1e-3", "trainer.value_lr=1e-3",
+                             "trainer.lr_schedule=cosine", "trainer.warmup_steps=1"])
+    reports = []
+
+    def report(metrics, folder):
+        reports.append((metrics, folder))
+        if metrics["step"] == crash_after:  # the process dies right after this checkpoint
+            raise Crash
+
+    try:
+        state = run_training(cfg, str(checkpoint), WorkerIO(
+            0, 1, batches_for(toy_rows()), report, resume_from=resume, scratch=scratch))
+    except Crash:
+        state = None
+    return state, reports
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_resume_from_an_epoch_closing_checkpoint_is_exact(tiny_checkpoint, tmp_path, engine,
+                                                          process_group):
+    torch.manual_seed(0)
+    _, straight = run(tiny_checkpoint, engine, 6, tmp_path / "a")
+    _, first = run(tiny_checkpoint, engine, 6, tmp_path / "b", crash_after=4)
+    folder = first[-1][1]
+    assert first[-1][0]["step"] == 4 and folder is not None
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 4)  # the epoch had just closed
+    resume = tmp_path / "resume"
+    shutil.copytree(folder, resume)
+    state, resumed = run(tiny_checkpoint, engine, 6, tmp_path / "c", resume=Path(resume))
+    assert (state.step, state.epoch, state.step_in_epoch) == (6, 1, 2)
+    assert [m["step"] for m, _ in resumed] == [5, 6]
+    assert all(m["resumed_from"] == 4 for m, _ in resumed)
+    # same losses and learning rates as the uninterrupted run
+    for got, want in zip(resumed, straight[4:], strict=True):
+        assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-5)
+        assert got[0]["lr_policy"] == pytest.approx(want[0]["lr_policy"], rel=1e-9)
