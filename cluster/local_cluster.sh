@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY="${RAY:-.venv/bin/ray}"
+# Loopback-only test cluster on one machine: Ray 2.60 turns token auth on by default for
+# `ray start --head`, and nodes and clients started here would each need the token. Off here;
+# never for a cluster reachable from a network (the launcher / KubeRay configs keep defaults).
+export RAY_AUTH_MODE=disabled
 PORT="${RAY_LOCAL_PORT:-6390}"
 case "${1:-}" in
   start)
