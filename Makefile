@@ -11,15 +11,20 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: env demo test test-slow lint clean
+.PHONY: env demo demo-compare test test-slow lint clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 
 env: $(STAMP)
 
+# The whole pipeline on this machine (local Ray, vLLM, DeepSpeed, evaluator): see README.
+# Re-running continues (or re-prints) runs/demo; DEMO_ARGS="--set run.name=demo2" starts anew.
 demo: $(STAMP)
-	$(PY) -m jobs.demo --config configs/demo.yaml
+	$(PY) -m jobs.pipeline --config configs/demo.yaml $(DEMO_ARGS)
+
+demo-compare: $(STAMP)
+	$(PY) -m jobs.compare --config configs/demo-compare.yaml $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

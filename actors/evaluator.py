@@ -28,10 +28,12 @@ from dqo_ray.evaluation import (
     answer_key,
     append_result,
     majority_correct,
+    read_results,
     summarize,
     write_report,
 )
 from dqo_ray.models import load_tokenizer
+from dqo_ray.runtime import node_info
 from dqo_ray.tasks import grade_many
 from dqo_ray.tasks.items import PromptItem, load_items
 
@@ -53,9 +55,12 @@ class Evaluator:
                               limit=ecfg.limit, k_shot=ecfg.k_shot)
             self.items[name] = load_items(task, tokenizer, cfg.run.seed)
         self._lock = threading.Lock()  # one evaluation at a time on the engine
-        self._watcher: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._seen: set[str] = set()
+        self._watchers: dict[Path, tuple[threading.Thread, threading.Event]] = {}
+        # A restarted run must not score a checkpoint twice: results.jsonl says what is done.
+        self._seen: set[str] = {str(r.get("checkpoint")) for r in read_results(self.run_dir)}
+
+    def where(self) -> dict[str, Any]:
+        return node_info()
 
     def evaluate(self, checkpoint: str, step: int, round: int | None = None) -> list[dict]:
         """Scores `checkpoint` (an HF folder) on every dataset; returns the result rows."""
@@ -110,14 +115,21 @@ class Evaluator:
 
     # -- following a training run -----------------------------------------------------------
 
-    def watch(self, train_run_dir: str, round: int | None = None, poll_s: float = 1.0) -> None:
+    def watch(self, train_run_dir: str, round: int | None = None, poll_s: float = 1.0,
+              step_offset: int = 0) -> None:
         """Evaluates every checkpoint a training run commits, in a background thread, until
-        `stop_watching`. Checkpoints are announced by rank 0's metrics file (a line with
-        checkpoint=true is written after Ray committed checkpoint-<step>)."""
-        self._stop.clear()
-        self._watcher = threading.Thread(target=self._follow, args=(Path(train_run_dir), round,
-                                                                    poll_s), daemon=True)
-        self._watcher.start()
+        `stop_watching`; several runs can be followed at once. Checkpoints are announced by
+        rank 0's metrics file (a line with checkpoint=true is written after Ray committed
+        checkpoint-<step>); results are recorded at step + step_offset (a pipeline's rounds
+        each count steps from 1)."""
+        run = Path(train_run_dir)
+        if run in self._watchers:
+            return
+        stop = threading.Event()
+        thread = threading.Thread(target=self._follow, args=(run, round, poll_s, step_offset,
+                                                             stop), daemon=True)
+        self._watchers[run] = (thread, stop)
+        thread.start()
 
     def _pending(self, run: Path) -> list[tuple[int, Path]]:
         found = []
@@ -134,33 +146,38 @@ class Evaluator:
                         found.append((int(record["step"]), path))
         return found
 
-    def _follow(self, run: Path, round: int | None, poll_s: float) -> None:
+    def _follow(self, run: Path, round: int | None, poll_s: float, step_offset: int,
+                stop: threading.Event) -> None:
         while True:
-            stopping = self._stop.is_set()  # read before the scan: drain once after stop
+            stopping = stop.is_set()  # read before the scan: drain once after stop
             for step, path in self._pending(run):
                 self._seen.add(str(path))
                 if not path.exists():
                     log.warning("checkpoint %s was removed (num_to_keep) before evaluation",
                                 path)
                     continue
-                self.evaluate(str(path), step, round)
+                self.evaluate(str(path), step + step_offset, round)
             if stopping:
                 return
             time.sleep(poll_s)
 
-    def stop_watching(self) -> int:
-        """Stops following after evaluating every checkpoint announced so far; returns how
-        many checkpoints were evaluated in total."""
-        if self._watcher is not None:
-            self._stop.set()
-            self._watcher.join()
-            self._watcher = None
+    def stop_watching(self, train_run_dir: str | None = None) -> int:
+        """Stops following `train_run_dir` (default: every run) after evaluating every
+        checkpoint announced so far; returns how many checkpoints were evaluated in total."""
+        runs = [Path(train_run_dir)] if train_run_dir else list(self._watchers)
+        for run in runs:
+            if run in self._watchers:
+                thread, stop = self._watchers.pop(run)
+                stop.set()
+                thread.join()
         return len(self._seen)
 
 
 def start_evaluator(cfg: Config, model_path: str, run_dir: str) -> Any:
     """The evaluator as a Ray actor (GPU when eval.gpus > 0)."""
-    options: dict[str, Any] = {"num_cpus": cfg.eval.cpus, "max_concurrency": 4}
+    # Blocking calls (evaluate, stop_watching per followed run) each hold a slot; the engine
+    # itself is used by one evaluation at a time (self._lock).
+    options: dict[str, Any] = {"num_cpus": cfg.eval.cpus, "max_concurrency": 16}
     if cfg.eval.gpus:
         options["num_gpus"] = cfg.eval.gpus
     return ray.remote(Evaluator).options(**options).remote(cfg, model_path, run_dir)

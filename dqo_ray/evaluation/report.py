@@ -251,6 +251,44 @@ def _breakdowns(checkpoints: Sequence[_Checkpoint], datasets: Sequence[str]) -> 
     return lines
 
 
+def round_rows(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, _Checkpoint]]:
+    """A pipeline's checkpoints as its rounds: ("start", the checkpoint evaluated without a
+    round), then ("round r", the last evaluated checkpoint of round r), in order."""
+    rows: list[tuple[str, _Checkpoint]] = []
+    for ckpt in _checkpoints(results):
+        label = "start" if ckpt.round is None else f"round {ckpt.round}"
+        if rows and rows[-1][0] == label:
+            rows[-1] = (label, ckpt)  # later in the same round: keep the last
+        else:
+            rows.append((label, ckpt))
+    return rows
+
+
+def round_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Greedy and mean-sample accuracy (%) of the start and of each round, one line each, as
+    a markdown table (also readable printed on a terminal)."""
+    rows = round_rows(results)
+    if not rows:
+        return "No evaluation results."
+    checkpoints = [c for _, c in rows]
+    columns = [c for c in _columns(checkpoints, _datasets(results))
+               if c.metric in ("greedy_acc", "sample_acc")]
+    first = checkpoints[0]
+    body = []
+    for label, ckpt in rows:
+        cells = [label, "-" if ckpt.step is None else str(ckpt.step)]
+        for col in columns:
+            value, base = _value(ckpt, col), _value(first, col)
+            delta = "" if ckpt is first or value is None or base is None else \
+                f" ({100 * (value - base):+.1f})"
+            cells.append(_pct(value) + delta)
+        body.append(cells)
+    n = ", ".join(f"{ds} n={next((c.rows[ds].get('n') for c in checkpoints if ds in c.rows), '?')}"
+                  for ds in _datasets(results))
+    return "\n".join([*_table(["", "step", *(c.header for c in columns)], body),
+                      f"Accuracy (%) on held-out problems ({n}); (+x) = change from the first row."])
+
+
 def _markdown(title: str, results: Sequence[Mapping[str, Any]]) -> str:
     lines = [f"# {title}", ""]
     if not results:
@@ -279,6 +317,10 @@ def _markdown(title: str, results: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"Latest evaluation: {stamp}.")
     lines += _breakdowns(checkpoints, datasets)
     return "\n".join(lines) + "\n"
+
+
+PIPELINE_FILE = "pipeline.md"
+"""Written by the pipeline job (stages, timings, per-round table); report.md includes it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +410,12 @@ def write_report(run_dir: str | os.PathLike,
     rows = list(read_results(run_dir) if results is None else results)
     title = title or f"Evaluation: {run_dir.resolve().name}"
     report, plot = run_dir / REPORT_FILE, run_dir / PLOT_FILE
-    text = _markdown(title, rows).encode()
-    _atomic_write(report, lambda f: f.write(text))
+    text = _markdown(title, rows)
+    if any(r.get("round") is not None for r in rows):
+        text += "\n## Rounds\n\n" + round_table(rows) + "\n"
+    if (run_dir / PIPELINE_FILE).exists():
+        text += "\n" + (run_dir / PIPELINE_FILE).read_text()
+    data = text.encode()
+    _atomic_write(report, lambda f: f.write(data))
     _atomic_write(plot, lambda f: _plot(f"{title}: accuracy per checkpoint", rows, f))
     return report, plot

@@ -1,4 +1,5 @@
-"""Math problem sets as `Problem` records: GSM8K, MATH and MATH500, from local files or a hub.
+"""Math problem sets as `Problem` records: GSM8K, MATH and MATH500, from local files or a hub,
+and the synthetic tinymath (see `dqo_ray.tasks.tinymath`).
 
 `load_problems(task, source, split)` reads, per `source`:
 - a .jsonl / .json (JSON lines) or .parquet file;
@@ -8,6 +9,10 @@
   few-shot exemplars from (MATH500 itself is a test set only);
 - otherwise a hub dataset name, via `datasets.load_dataset` (`None` = the task's default;
   `"owner/name:config"` picks a config). Never used by the tests.
+
+tinymath has no hub dataset: `None` (or `"seed=N"`) runs its built-in generator, whose splits
+are "warm", "train" and "test"; a local file of {"question", "answer", "solution"} records is
+read as above.
 
 The gold final answer is extracted once here: GSM8K's `#### <answer>` (thousands commas
 dropped), MATH's last `\\boxed{}`, MATH500's `answer` field. A malformed record raises
@@ -25,7 +30,7 @@ from typing import Any
 
 from dqo_ray.tasks.grading import extract_boxed, parse_number
 
-TASKS = ("gsm8k", "math", "math500")
+TASKS = ("gsm8k", "math", "math500", "tinymath")
 
 
 @dataclass
@@ -123,6 +128,29 @@ def _math500(record: Mapping[str, Any], split: str, index: int, where: str) -> P
                    _math_meta(record, split))
 
 
+def _tinymath(record: Mapping[str, Any], split: str, index: int, where: str) -> Problem:
+    question = _text(record, "question", where)
+    answer = record.get("answer")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip().isdigit():
+        raise DatasetFormatError(f"{where}: field 'answer' must be a non-negative integer, "
+                                 f"got {answer!r}")
+    answer = answer.strip()
+    solution = record.get("solution")
+    if solution is not None and not isinstance(solution, str):
+        raise DatasetFormatError(f"{where}: field 'solution' must be a string")
+    meta: dict[str, Any] = {"split": split}
+    if record.get("level") is not None:
+        meta["level"] = record["level"]
+    return Problem(f"tinymath/{split}/{index}", "tinymath", question, answer, solution, meta)
+
+
+def _no_hub(split: str) -> tuple[str, str | None]:
+    raise ValueError("tinymath has no hub dataset: use source None or 'seed=N' (the built-in "
+                     "generator), or a local .jsonl/.parquet file or folder")
+
+
 RecordParser = Callable[[Mapping[str, Any], str, int, str], Problem]
 
 
@@ -141,6 +169,7 @@ _SPECS: dict[str, _TaskSpec] = {
     "math500": _TaskSpec(
         _math500, lambda split: (f"math500_{split}", split),
         lambda split: ("HuggingFaceH4/MATH-500", None) if split == "test" else _MATH_HUB),
+    "tinymath": _TaskSpec(_tinymath, lambda split: (split,), _no_hub),
 }
 
 
@@ -236,7 +265,8 @@ def _spec(task: str) -> _TaskSpec:
 
 def load_problems(task: str, source: str | None, split: str,
                   limit: int | None = None) -> list[Problem]:
-    """The problems of `task` ("gsm8k", "math", "math500") from `source`, in file order.
+    """The problems of `task` ("gsm8k", "math", "math500", "tinymath") from `source`, in file
+    order (tinymath with source None or "seed=N": generated, see `tinymath.generate`).
 
     `limit` keeps the first `limit` problems. Raises DatasetFormatError (file and line in the
     message) on a malformed record, FileNotFoundError when a local source is missing.
@@ -244,6 +274,12 @@ def load_problems(task: str, source: str | None, split: str,
     spec = _spec(task)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if task == "tinymath":
+        from dqo_ray.tasks import tinymath  # imported here: tinymath imports this module
+
+        seed = tinymath.generator_seed(source)
+        if seed is not None:
+            return tinymath.generate(split, limit, seed=seed)
     resolved = resolve_source(task, source, split)
     if isinstance(resolved, Path):
         records = _read_file(resolved)

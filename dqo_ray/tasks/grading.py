@@ -11,6 +11,9 @@ without touching the callers. Built in:
 - math / math500: the last `\\boxed{...}` (or `\\fbox{...}`) of the response, compared with the
   gold answer first as normalised strings (the common case, microseconds) and only when those
   differ by `math_verify` (sympy equivalence: fractions vs decimals, intervals, tuples, ...).
+- tinymath: the integer right after the last `The answer is` of the response (exact case,
+  as the synthetic solutions write it), compared with the gold integer; no such integer
+  (none, a decimal, or a last anchor without a number) grades False.
 
 Contract: grading never raises on any response text (garbage, empty, huge) and returns False
 instead; math_verify work runs under a per-call time limit. math_verify's own timeouts use
@@ -546,6 +549,38 @@ def grade_math_many(responses: Sequence[str], golds: Sequence[str]) -> list[bool
     return results
 
 
+_TINYMATH_ANCHOR = "The answer is"
+_TINYMATH_INTEGER = re.compile(r"\s*(-?\d{1,30})(?!\d|\.\d)")
+
+
+def extract_tinymath_answer(response: str) -> int | None:
+    """The integer after the last "The answer is" of `response`, or None (see the module
+    docstring). An earlier anchor never stands in for a last one without a number."""
+    if not isinstance(response, str):
+        return None
+    at = response.rfind(_TINYMATH_ANCHOR)
+    if at < 0:
+        return None
+    m = _TINYMATH_INTEGER.match(response, at + len(_TINYMATH_ANCHOR))
+    return int(m.group(1)) if m else None
+
+
+def _gold_int(gold: str) -> int | None:
+    m = _TINYMATH_INTEGER.fullmatch(str(gold).strip())
+    return int(m.group(1)) if m else None
+
+
+def grade_tinymath(response: str, gold: str) -> bool:
+    """tinymath: the response's answer-line integer equals the gold integer."""
+    expected = _gold_int(gold)
+    return expected is not None and extract_tinymath_answer(response) == expected
+
+
+def grade_tinymath_many(responses: Sequence[str], golds: Sequence[str]) -> list[bool]:
+    """grade_tinymath over a batch (no pool work: the per-call overhead is all it saves)."""
+    return [grade_tinymath(r, g) for r, g in zip(responses, golds, strict=True)]
+
+
 # --------------------------------------------------------------------------------------------
 # Registry and the public entry points
 # --------------------------------------------------------------------------------------------
@@ -618,3 +653,4 @@ def grade_many(task: str, responses: Sequence[str], golds: Sequence[str]) -> lis
 register_grader("gsm8k", grade_gsm8k)
 register_grader("math", grade_math, batch_fn=grade_math_many)
 register_grader("math500", grade_math, batch_fn=grade_math_many)
+register_grader("tinymath", grade_tinymath, batch_fn=grade_tinymath_many)

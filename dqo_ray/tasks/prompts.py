@@ -4,6 +4,8 @@ the tokenizer's chat template (or a plain "Question: ...\\nAnswer:" template for
 Answer forms, which the graders look for first:
 - gsm8k: a last line `The answer is <number>.`
 - math, math500: the final answer inside `\\boxed{}`.
+- tinymath: one equation per line, then `The answer is <number>.` (a short instruction: every
+  prompt token costs a tiny model).
 
 Exemplars are worked train-split solutions rewritten to end in that form (GSM8K's calculator
 annotations `<<a*b=c>>` and `#### n` line are replaced), drawn with `select_exemplars`.
@@ -19,8 +21,9 @@ from typing import Any
 
 from dqo_ray.tasks.datasets import Problem
 
-DEFAULT_K_SHOT = {"gsm8k": 8, "math": 4, "math500": 4}
-"""The usual exemplar counts for base models (instruction-tuned models: 0)."""
+DEFAULT_K_SHOT = {"gsm8k": 8, "math": 4, "math500": 4, "tinymath": 0}
+"""The usual exemplar counts for base models (instruction-tuned models: 0; tinymath's tiny
+models are trained on the zero-shot prompt)."""
 PLAIN_STOP = ("\nQuestion:",)
 """Where a base model continuing the plain template starts the next exemplar."""
 
@@ -58,7 +61,17 @@ _MATH = PromptFormat(
     "Solve the following math problem step by step. Put your final answer within \\boxed{}.",
     _math_solution,
 )
-_FORMATS: dict[str, PromptFormat] = {"gsm8k": _GSM8K, "math": _MATH, "math500": _MATH}
+TINYMATH_INSTRUCTION = "Solve step by step."
+
+
+def _tinymath_solution(problem: Problem) -> str:
+    # The generator's solution already ends in "The answer is N."; a file record may lack one.
+    return problem.solution or f"The answer is {problem.answer}."
+
+
+_TINYMATH = PromptFormat(TINYMATH_INSTRUCTION, _tinymath_solution)
+_FORMATS: dict[str, PromptFormat] = {"gsm8k": _GSM8K, "math": _MATH, "math500": _MATH,
+                                     "tinymath": _TINYMATH}
 
 
 def register_prompt_format(task: str, fmt: PromptFormat, *, replace: bool = False) -> None:

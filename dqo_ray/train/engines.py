@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,10 +68,43 @@ def _optimizer_and_schedule(model: nn.Module, lr: float, cfg: TrainerConfig):
     return optimizer, schedule
 
 
+SHM_OP = "deepspeed_shm_comm"
+
+
+def clear_stale_build_lock(name: str = SHM_OP, built_grace_s: float = 60.0,
+                           building_grace_s: float = 900.0) -> bool:
+    """Removes a JIT extension build lock left by a killed process; True when it did.
+
+    DeepSpeed's CPU backend loads its shared-memory op through torch's JIT extension loader
+    at every start, which holds a lock file (FileBaton) while it checks the build. A process
+    killed inside that window (a stopped job, a killed worker) leaves the lock behind, and
+    every later start waits on it forever. The lock is taken as stale when the op is already
+    built and the lock is older than `built_grace_s` (the up-to-date check takes well under a
+    second), or when nothing is built and it is older than `building_grace_s`.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    built = (folder / f"{name}.so").exists()
+    if age < (built_grace_s if built else building_grace_s):
+        return False
+    log.warning("removing a stale build lock %s (%.0fs old, left by a killed process)", lock,
+                age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 class DeepSpeedTrainEngine:
     def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig, bf16: bool) -> None:
         import deepspeed
 
+        if not torch.cuda.is_available():
+            clear_stale_build_lock()
         optimizer, schedule = _optimizer_and_schedule(model, lr, cfg)
         config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

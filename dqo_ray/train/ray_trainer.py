@@ -26,7 +26,7 @@ from dqo_ray.config import Config, from_dict, to_dict
 from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
-from dqo_ray.runtime import WORKER_ENV, init_ray
+from dqo_ray.runtime import WORKER_ENV, init_ray, record_placement
 from dqo_ray.tracking import MetricsLogger
 from dqo_ray.train.loop import WorkerIO, run_training
 
@@ -47,6 +47,7 @@ def _worker_main(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    record_placement(config["run_dir"], "train-worker", rank)
     if rank == 1 and config.get("pid_file"):  # lets tests kill a real worker process
         Path(config["pid_file"]).write_text(str(os.getpid()))
 
@@ -82,8 +83,12 @@ def _worker_main(config: dict[str, Any]) -> None:
         logger.close()
 
 
-def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None) -> TrainResult:
-    """Trains on the store's trajectories (with ref_logprobs) until trainer.max_steps."""
+def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
+                   run_dir: str | None = None) -> TrainResult:
+    """Trains on the store's trajectories (with ref_logprobs) until trainer.max_steps.
+
+    Checkpoints, metrics and the placement record go to `run_dir` (default cfg.run.run_dir);
+    re-running with the same run_dir resumes from its last committed checkpoint."""
     init_ray(cfg.ray)
     store = TrajectoryStore(cfg.data.store)
     shards = store.shards(cfg.data.rounds or None)
@@ -93,7 +98,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None) -
     missing = [s.name for s in shards if not s.has_ref_logprobs]
     if missing:
         raise ValueError(f"shards {missing[:5]} lack ref_logprobs: run the reference stage")
-    run_dir = Path(cfg.run.run_dir).absolute()
+    run_dir = Path(run_dir or cfg.run.run_dir).absolute()
     ledger = None
     if cfg.trainer.ledger:
         ledger = run_dir / "ledger"

@@ -1,0 +1,451 @@
+"""Supervised fine-tuning (SFT) for the warm start: one process, plain torch, no Ray.
+
+The demo's policy starts from supervised training on a small set of gold solutions, run to a
+plateau with fixed steps, seed and thread count so the result is reproducible bit for bit,
+and cached so a second run skips it. A control baseline continues the same training from that
+checkpoint for more steps. Both call `supervised_finetune`.
+
+One step: draw `batch_size` examples, build `prompt + target` rows right-padded with the
+tokenizer's pad id, run the model, and take the mean cross-entropy of the target tokens only
+(`sft_loss`); AdamW, gradient clipping, linear warm-up then cosine decay to 10% (`lr_at`).
+
+Output folder (HF format, loadable with `load_policy` / `load_tokenizer`):
+    config.json, model.safetensors, generation_config.json   the fine-tuned policy
+    tokenizer files                                          copied from the input
+    sft.json                                                 cache key, settings, losses, time
+It is written atomically: everything goes into a hidden temporary sibling folder, sft.json
+last, and the folder is renamed to `out_dir` only when complete. A folder named `out_dir`
+therefore either holds a finished run or is not ours; a crash leaves at most a hidden
+`.<name>.sft-tmp-*` sibling, which is never read (delete it at will).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from dqo_ray.models.loading import load_policy, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Bumped when the training procedure changes in a way that changes the result for the same
+# inputs, so that older cached folders are reported as stale rather than reused.
+SFT_FORMAT = 1
+META_FILE = "sft.json"
+# Files of the input checkpoint that determine the result: model config and weights, plus the
+# tokenizer (it gives the pad id and is copied into the output). Other files (logs, an earlier
+# sft.json with its timings, optimizer states) are left out of the cache key.
+_KEY_FILES = (
+    "config.json", "generation_config.json",
+    "model*.safetensors", "model*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model*.bin.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
+    "merges.txt",
+)
+_WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One training pair as token ids, already templated (the caller applies any chat
+    template). `prompt_ids` are context only; `target_ids` are learned and should end with
+    EOS so the model learns to stop."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+@dataclass
+class SFTSettings:
+    """steps: optimizer steps (may exceed one pass over the examples); batch_size: examples
+    per step; lr: peak learning rate; threads: torch intra-op threads for the run (part of the
+    result: float sums depend on how work is split); warmup_steps: linear warm-up from
+    lr/warmup_steps to lr; schedule: "cosine" decays to 10% of lr at the last step,
+    "constant" stays at lr; weight_decay: AdamW decay on matrices (not norms or biases);
+    max_grad_norm: clip the global gradient norm (None: no clipping); log_every: steps
+    between progress logs (does not change the result)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    threads: int = 2
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError listing every bad field."""
+        errors = []
+        if self.steps < 1:
+            errors.append(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            errors.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            errors.append(f"lr must be > 0, got {self.lr}")
+        if self.threads < 1:
+            errors.append(f"threads must be >= 1, got {self.threads}")
+        if self.warmup_steps < 0:
+            errors.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("constant", "cosine"):
+            errors.append(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.weight_decay < 0:
+            errors.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            errors.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.log_every < 1:
+            errors.append(f"log_every must be >= 1, got {self.log_every}")
+        if errors:
+            raise ValueError("SFTSettings: " + "; ".join(errors))
+
+
+@dataclass
+class SFTResult:
+    """checkpoint: the HF folder written (or reused); losses: per-step mean target-token loss;
+    cached: True when an identical earlier run was reused (nothing trained); seconds: wall
+    time of this call (the original training time of a cached run is in its sft.json)."""
+
+    checkpoint: str
+    losses: list[float]
+    cached: bool
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: loss, learning-rate schedule, batches, example order
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+             loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions `loss_mask` marks.
+
+    Args:
+        logits: [B, L, V] model outputs; logits[:, t] scores the token at t + 1.
+        input_ids: [B, L] int64 token ids.
+        loss_mask: [B, L] bool/0-1, true where the token is a target token (never on prompt
+            or padding). The mask is on the predicted token: position t + 1 is scored by
+            logits[:, t], so the first token of a row is never scored.
+
+    Returns:
+        Scalar float32: sum of -log p(target token) / number of target tokens in the batch
+        (a token-level mean, so long targets weigh more than short ones).
+    """
+    pred = logits[:, :-1].float()  # [B, L-1, V] scores for tokens 1..L-1
+    targets = input_ids[:, 1:]  # [B, L-1]
+    mask = loss_mask[:, 1:].float()  # [B, L-1]
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("sft_loss: loss_mask selects no predictable token")
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
+                          reduction="none").reshape(targets.shape)  # [B, L-1]
+    return (nll * mask).sum() / count
+
+
+def lr_at(step: int, settings: SFTSettings) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up over warmup_steps
+    (reaching lr at the last warm-up step), then constant or cosine from lr down to 0.1 * lr
+    at the final step."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    if settings.schedule == "constant":
+        return settings.lr
+    decay_steps = settings.steps - settings.warmup_steps - 1
+    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - settings.warmup_steps) / decay_steps)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def example_order(n: int, seed: int) -> Iterator[int]:
+    """Endless example indices: one random permutation of range(n) per epoch, from a generator
+    seeded with `seed` (independent of the global torch RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=gen).tolist()
+
+
+def collate(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows `prompt + target`, right-padded with `pad_id` to the longest row.
+
+    Returns input_ids [B, L] int64, attention_mask [B, L] int64 (1 on real tokens) and
+    loss_mask [B, L] bool (true on target tokens)."""
+    length = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        p, n = len(e.prompt_ids), len(e.prompt_ids) + len(e.target_ids)
+        input_ids[row, :n] = torch.tensor([*e.prompt_ids, *e.target_ids], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        loss_mask[row, p:n] = True
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache key
+
+
+def _check_examples(examples: Sequence[SFTExample]) -> None:
+    if not examples:
+        raise ValueError("supervised_finetune: no examples given")
+    for i, e in enumerate(examples):
+        if not e.target_ids:
+            raise ValueError(f"SFT example {i} has an empty target_ids: nothing to learn "
+                             "(targets should end with EOS)")
+        if not e.prompt_ids:
+            raise ValueError(f"SFT example {i} has an empty prompt_ids: the first target token "
+                             "needs at least one token before it (e.g. BOS)")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _policy_files(policy_path: str | os.PathLike) -> list[Path]:
+    folder = Path(policy_path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not an HF checkpoint folder (no config.json)")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if not any(fnmatch.fnmatch(n, pat) for n in names for pat in _WEIGHT_FILES):
+        raise ValueError(f"{folder} holds no weight file ({', '.join(_WEIGHT_FILES)})")
+    return [folder / n for n in names if any(fnmatch.fnmatch(n, pat) for pat in _KEY_FILES)]
+
+
+def _key_settings(settings: SFTSettings) -> dict:
+    """The settings that change the weights (log_every only changes logging)."""
+    fields = asdict(settings)
+    fields.pop("log_every")
+    return fields
+
+
+def sft_cache_key(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
+                  settings: SFTSettings) -> str:
+    """Hex SHA-256 of everything that determines the fine-tuned weights: the input
+    checkpoint's config, weight and tokenizer files (their bytes, by content; not the folder's
+    path), the examples in order, the settings except log_every, and SFT_FORMAT.
+    Library versions are left out (recorded in sft.json instead): an upgrade of torch may
+    change the last bits but should not make every cached warm start unusable."""
+    settings.validate()
+    _check_examples(examples)
+    files = {p.name: _sha256_file(p) for p in _policy_files(policy_path)}
+    ex_digest = hashlib.sha256()
+    for e in examples:
+        ex_digest.update(json.dumps([list(map(int, e.prompt_ids)),
+                                     list(map(int, e.target_ids))]).encode())
+        ex_digest.update(b"\n")
+    payload = dict(format=SFT_FORMAT, policy_files=files, examples=ex_digest.hexdigest(),
+                   n_examples=len(examples), settings=_key_settings(settings))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _read_finished(out_dir: Path, key: str) -> list[float] | None:
+    """Losses of a finished run in `out_dir` with this key; None when out_dir is absent or an
+    empty folder. Raises ValueError for a finished run of other inputs or a foreign folder."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise ValueError(f"SFT output {out_dir} exists and is not a folder")
+    meta_path = out_dir / META_FILE
+    if not meta_path.is_file():
+        if not any(out_dir.iterdir()):
+            return None
+        raise ValueError(f"SFT output {out_dir} exists but is not a finished SFT run (no "
+                         f"{META_FILE}); delete it or choose another output folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+        old_key, losses = meta["cache_key"], [float(x) for x in meta["losses"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"SFT output {out_dir}: unreadable {META_FILE} ({exc}); delete the "
+                         "folder to retrain") from exc
+    if old_key != key:
+        raise ValueError(
+            f"SFT output {out_dir} holds a finished run whose inputs changed (policy, examples "
+            f"or settings; cache key {old_key[:12]}... != {key[:12]}...); delete it to retrain "
+            "or choose another output folder")
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _check_fits(examples: Sequence[SFTExample], config) -> None:
+    vocab, max_len = config.vocab_size, getattr(config, "max_position_embeddings", None)
+    for i, e in enumerate(examples):
+        ids = [*e.prompt_ids, *e.target_ids]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"SFT example {i}: token ids {bad[:5]} outside the vocabulary "
+                             f"[0, {vocab})")
+        if max_len is not None and len(ids) > max_len:
+            raise ValueError(f"SFT example {i}: {len(ids)} tokens, more than the model's "
+                             f"max_position_embeddings={max_len}")
+
+
+def _optimizer(model: torch.nn.Module, settings: SFTSettings) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (embeddings, projections), not norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=settings.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
+
+
+def _train(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
+           settings: SFTSettings, progress: Callable[[int, float], None] | None):
+    """Runs the steps under the caller's seed/thread set-up; returns (model, tokenizer,
+    losses, target tokens per pass)."""
+    tokenizer = load_tokenizer(policy_path)
+    model = load_policy(policy_path, dtype=torch.float32)
+    _check_fits(examples, model.config)
+    model.train()
+    opt = _optimizer(model, settings)
+    order = example_order(len(examples), settings.seed)
+    losses: list[float] = []
+    window: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        batch = collate([examples[next(order)] for _ in range(settings.batch_size)],
+                        tokenizer.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, settings)
+        # Right padding: real tokens keep positions 0..n-1 and never attend to the padding.
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits  # [B, L, V]
+        loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        opt.step()
+        losses.append(loss.item())
+        window.append(losses[-1])
+        tokens += int(batch["attention_mask"].sum())
+        done = step + 1
+        if done % settings.log_every == 0 or done == settings.steps:
+            elapsed = time.perf_counter() - start
+            mean = sum(window) / len(window)
+            log.info("sft step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", done, settings.steps,
+                     mean, tokens / max(elapsed, 1e-9),
+                     elapsed / done * (settings.steps - done))
+            window.clear()
+            if progress is not None:
+                progress(done, mean)
+    model.eval()
+    return model, tokenizer, losses
+
+
+def _write_checkpoint(model, tokenizer, policy_path: str | os.PathLike, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    source_gen = Path(policy_path) / "generation_config.json"
+    if source_gen.is_file():
+        # Keep the input's generation settings byte for byte (eos/pad ids, sampling defaults).
+        shutil.copyfile(source_gen, folder / "generation_config.json")
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    with open(folder / META_FILE, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _summary(losses: list[float]) -> dict:
+    tail = losses[-max(1, len(losses) // 10):]
+    return dict(first=losses[0], last=losses[-1], min=min(losses),
+                mean_last_10pct=sum(tail) / len(tail))
+
+
+def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLike,
+                        examples: Sequence[SFTExample], settings: SFTSettings,
+                        progress: Callable[[int, float], None] | None = None) -> SFTResult:
+    """Fine-tunes the HF checkpoint at `policy_path` on `examples` and writes it to `out_dir`.
+
+    Reproducible: the same inputs (see `sft_cache_key`) give bitwise-identical weights on the
+    same machine and library versions. The run seeds torch with settings.seed (inside
+    `torch.random.fork_rng`, so the caller's RNG state is untouched), uses settings.threads
+    threads (the previous count is restored after) and draws examples from `example_order`.
+
+    Cached: when `out_dir` holds a finished run (its sft.json) with the same cache key, nothing
+    is loaded or trained and the stored losses are returned with cached=True.
+
+    When `out_dir` holds a finished run of different inputs, this raises ValueError rather
+    than replacing it: the folder is typically the base policy of a run, and trajectories,
+    reference log-probs and results already derived from it would silently stop matching the
+    weights. Retraining is one `rm -r` away and says so in the message. A non-empty `out_dir`
+    without sft.json (not written by this function, which renames only finished folders into
+    place) is refused the same way; an empty one is used.
+
+    `progress(step, loss)` is called at each log point (every settings.log_every steps and at
+    the last step) with the mean loss since the previous one, as logged.
+    """
+    start = time.perf_counter()
+    examples = list(examples)
+    key = sft_cache_key(policy_path, examples, settings)  # validates settings and examples
+    out = Path(out_dir)
+    cached = _read_finished(out, key)
+    if cached is not None:
+        log.info("sft: reusing %s (same inputs, key %s...)", out, key[:12])
+        return SFTResult(str(out), cached, True, time.perf_counter() - start)
+
+    log.info("sft: %d examples, %d steps x batch %d -> %s", len(examples), settings.steps,
+             settings.batch_size, out)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            model, tokenizer, losses = _train(policy_path, examples, settings, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    seconds = time.perf_counter() - start
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.sft-tmp-", dir=out.parent))
+    try:
+        _write_checkpoint(model, tokenizer, policy_path, tmp)
+        _write_meta(tmp, dict(
+            cache_key=key, format=SFT_FORMAT, source=str(policy_path), settings=asdict(settings),
+            n_examples=len(examples),
+            target_tokens=sum(len(e.target_ids) for e in examples),
+            final_loss=losses[-1], summary=_summary(losses), losses=losses, seconds=seconds,
+            versions=dict(torch=torch.__version__,
+                          transformers=transformers.__version__)))
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            # Another process finished the same run first: identical weights, keep theirs.
+            if _read_finished(out, key) is None:
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("sft: wrote %s in %.1fs (loss %.4f -> %.4f)", out, seconds, losses[0], losses[-1])
+    return SFTResult(str(out), losses, False, time.perf_counter() - start)

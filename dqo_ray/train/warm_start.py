@@ -1,0 +1,57 @@
+"""The warm start: supervised training on a limited set of gold worked solutions before the RL
+rounds (pure: no Ray). The prompts are built exactly as the RL rounds build theirs; the
+targets are the task's rendered solutions ending in its answer form, then EOS.
+
+The result is cached by content under the pipeline's cache folder (`sft_cache_key`: the start
+checkpoint's files, the examples, the settings), so a second run with the same inputs reuses
+it, whatever the run is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dqo_ray.config import Config
+from dqo_ray.models import load_tokenizer
+from dqo_ray.tasks import load_problems, render_solution
+from dqo_ray.tasks.items import prompt_items
+from dqo_ray.train.sft import SFTExample, SFTSettings, sft_cache_key, supervised_finetune
+
+
+def cache_dir(cfg: Config) -> Path:
+    """pipeline.cache_dir, or output_dir/cache: beside the runs, so it survives as they do
+    (a `ray job submit` working folder does not)."""
+    return Path(cfg.pipeline.cache_dir or Path(cfg.run.output_dir) / "cache").absolute()
+
+
+def warm_start_examples(cfg: Config, tokenizer: Any) -> list[SFTExample]:
+    ws = cfg.pipeline.warm_start
+    problems = load_problems(cfg.task.name, cfg.task.source, ws.split, ws.problems)
+    items = prompt_items(problems, tokenizer, cfg.task)
+    examples = []
+    for problem, item in zip(problems, items, strict=True):
+        target = tokenizer(render_solution(problem, cfg.task.name),
+                           add_special_tokens=False)["input_ids"]
+        examples.append(SFTExample(list(item.prompt_ids), [*target, tokenizer.eos_token_id]))
+    return examples
+
+
+def warm_start_settings(cfg: Config, steps: int | None = None) -> SFTSettings:
+    ws = cfg.pipeline.warm_start
+    return SFTSettings(steps=steps or ws.steps, batch_size=ws.batch_size, lr=ws.lr,
+                       seed=cfg.run.seed, threads=ws.threads, warmup_steps=ws.warmup_steps)
+
+
+def warm_start(cfg: Config, base: str, steps: int | None = None) -> dict[str, Any]:
+    """Fine-tunes `base` on the warm-start split's gold solutions (cached); returns what the
+    pipeline records: the policy folder, the loss at the start and end, and cache use.
+    `steps` overrides warm_start.steps (the gold-continuation control trains longer)."""
+    examples = warm_start_examples(cfg, load_tokenizer(base))
+    settings = warm_start_settings(cfg, steps)
+    key = sft_cache_key(base, examples, settings)
+    out = cache_dir(cfg) / f"warm-start-{key[:16]}"
+    result = supervised_finetune(base, out, examples, settings)
+    return {"policy": str(out), "examples": len(examples), "steps": settings.steps,
+            "first_loss": result.losses[0], "final_loss": result.losses[-1],
+            "cached": result.cached}

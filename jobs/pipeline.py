@@ -1,0 +1,312 @@
+"""The offline-to-online DQO pipeline: the whole system as one Ray job.
+
+    python -m jobs.pipeline --config FILE [--set key=value ...]
+    ray job submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml \\
+        -- python -m jobs.pipeline --config FILE
+
+Stages (algorithm doc section 6), each recorded in run_dir/pipeline_state.json when done:
+
+    start      the start policy: model.policy, or a tiny model built for the task; then the
+               optional supervised warm start on gold solutions (cached by content)
+    round0/data     round 0's trajectories: sampled from the start policy, or ingested
+    round r:   reference   ref_logprobs for every shard lacking them (pi_ref = start policy)
+               train       Ray Train + DeepSpeed on data rounds 0..r (data.round_weights),
+                           from round r-1's checkpoint (policy and value model)
+               evaluate    every checkpoint of the round, by the evaluator actor (async)
+               data r+1    the generator pool, weights refreshed in place, samples round r+1
+
+Overlap (pipeline.overlap): round r+1 is sampled from the policy round r started from while
+round r trains; the log reports how long both ran at once. Re-running the same command after
+a crash or `ray job stop` skips every recorded stage and resumes the first unfinished one
+from its own partial work (stored prompts, Ray Train's last committed checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.evaluator import start_evaluator
+from actors.generator import GeneratorPool
+from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
+from dqo_ray.config import to_dict as config_to_dict
+from dqo_ray.data.ingest import IngestError, ingest_file
+from dqo_ray.data.pipeline import score_reference
+from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.evaluation import read_results, write_report
+from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
+from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
+from dqo_ray.run_state import RunState, StateError
+from dqo_ray.runtime import init_ray, record_placement
+from dqo_ray.tasks.items import load_items
+from dqo_ray.train.ray_trainer import train_on_store
+
+log = logging.getLogger("jobs.pipeline")
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, state: RunState) -> None:
+        self.cfg, self.state = cfg, state
+        self.run_dir = Path(cfg.run.run_dir).absolute()
+        self.store = TrajectoryStore(cfg.data.store)
+        self.pool: GeneratorPool | None = None
+        self.evaluations: dict[str, Any] = {}  # stage -> ObjectRef of the evaluator's work
+        self.overlap_notes: list[str] = []
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        start = self.start_policy()
+        self.evaluator = start_evaluator(self.cfg, start, str(self.run_dir))
+        record_placement(self.run_dir, "evaluator", 0, ray.get(self.evaluator.where.remote()))
+        if self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start"):
+            self.evaluations["evaluate/start"] = self.evaluator.evaluate.remote(start, 0, None)
+        overlap = self.overlap_enabled()
+        policy, value = start, None
+        pending: concurrent.futures.Future | None = None  # round r+1 sampled during round r
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
+            for r in range(self.cfg.pipeline.rounds):
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                self.data(r, policy, start)
+                self.reference(r, start)
+                trained = self.state.finished(f"round{r}/train")
+                next_round = r + 1 < self.cfg.pipeline.rounds
+                if (overlap and next_round and trained is None
+                        and not self.state.finished(f"round{r + 1}/data")):
+                    pending = background.submit(self.data, r + 1, policy, start)
+                trained = trained or self.train(r, policy, value, overlapping=pending)
+                policy, value = trained["policy"], trained["value"]
+                self.evaluate(r)
+        self.finish()
+
+    def start_policy(self) -> str:
+        """model.policy (or a tiny model built for the task), then the optional warm start."""
+        cfg = self.cfg
+        if cfg.model.policy == "tiny" and not self.state.finished("start/tiny"):
+            began = time.perf_counter()
+            words = task_vocabulary(cfg)
+            save_tiny_checkpoint(self.run_dir / "base", words, hidden_size=cfg.model.tiny_hidden_size,
+                                 layers=cfg.model.tiny_layers, heads=cfg.model.tiny_heads,
+                                 seed=cfg.run.seed)
+            self.state.finish("start/tiny", time.perf_counter() - began, words=len(words))
+        base = resolve_checkpoint(cfg.model.policy, self.run_dir, "model.policy")
+        if not cfg.pipeline.warm_start.enabled:
+            return base
+        done = self.state.finished("start/warm")
+        if done is None:
+            from dqo_ray.train.warm_start import warm_start
+
+            began = time.perf_counter()
+            done = warm_start(cfg, base)
+            self.state.finish("start/warm", time.perf_counter() - began, **done)
+        log.info("warm start: %s (final loss %.4f%s)", done["policy"], done["final_loss"],
+                 ", cached" if done.get("cached") else "")
+        return done["policy"]
+
+    def data(self, r: int, policy: str, start: str) -> None:
+        """Data round r: ingested (round 0, pipeline.round0 = ingest) or sampled from `policy`."""
+        stage = f"round{r}/data"
+        if self.state.finished(stage):
+            return
+        began = time.perf_counter()
+        if r == 0 and self.cfg.pipeline.round0 == "ingest":
+            try:
+                report = ingest_file(self.cfg.pipeline.ingest_source, self.store,
+                                     load_tokenizer(start), round=0, strict=True,
+                                     reward_correct=self.cfg.algo.reward_correct,
+                                     reward_incorrect=self.cfg.algo.reward_incorrect)
+            except IngestError as exc:
+                raise SystemExit(f"round 0 ingest failed: {exc}") from exc
+            self.state.finish(stage, time.perf_counter() - began, source="ingest",
+                              rows=report.written)
+            log.info("round 0: %s", report.summary())
+            return
+        pool = self.generator_pool(start)
+        if pool.weights != policy:
+            pool.load_weights(policy)
+        items = load_items(self.cfg.task, load_tokenizer(policy), self.cfg.run.seed)
+        summary = pool.generate(items, r, policy_version=self.policy_version(policy), store=self.store)
+        log.info("round %d data: %s", r, summary)
+        self.state.finish(stage, time.perf_counter() - began, source="generate", policy=policy,
+                          samples=summary.samples, accuracy=summary.accuracy,
+                          mean_response_tokens=summary.mean_response_tokens,
+                          tokens_per_s=summary.tokens_per_s, started=began)
+
+    def reference(self, r: int, start: str) -> None:
+        stage = f"round{r}/reference"
+        if self.state.finished(stage):
+            return
+        began = time.perf_counter()
+        reference = resolve_checkpoint(self.cfg.model.reference, self.run_dir, "model.reference") \
+            if self.cfg.model.reference else start
+        rows = score_reference(self.store, reference, load_tokenizer(start).pad_token_id,
+                               list(range(r + 1)), self.cfg.data.ref_actors,
+                               self.cfg.data.ref_batch_size, self.cfg.trainer.use_gpu)
+        self.state.finish(stage, time.perf_counter() - began, rows=rows, reference=reference)
+
+    def train(self, r: int, policy: str, value: str | None,
+              overlapping: concurrent.futures.Future | None) -> dict[str, Any]:
+        cfg = self.cfg
+        round_dir = self.run_dir / f"round{r}"
+        # Round r continues round r-1's policy and value model; pi_ref stays the start policy.
+        round_cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, rounds=list(range(r + 1))),
+            model=dataclasses.replace(cfg.model, value=value or cfg.model.value))
+        offset = r * cfg.trainer.max_steps
+        self.evaluator.watch.remote(str(round_dir), r, 1.0, offset)
+        began = time.perf_counter()
+        log.info("round %d: training %d steps from %s%s", r, cfg.trainer.max_steps, policy,
+                 f" while round {r + 1} is sampled" if overlapping else "")
+        result = train_on_store(round_cfg, policy, run_dir=str(round_dir))
+        ended = time.perf_counter()
+        self.evaluations[f"round{r}/evaluate"] = self.evaluator.stop_watching.remote(
+            str(round_dir))
+        if overlapping is not None:
+            overlapping.result()  # the sampled round must be complete before it is trained on
+            self.note_overlap(r, began, ended)
+        done = {"checkpoint": result.checkpoint, "policy": result.policy,
+                "value": f"{result.checkpoint}/value", "step": offset + cfg.trainer.max_steps,
+                "metrics": {k: v for k, v in result.metrics.items()
+                            if isinstance(v, int | float)}}
+        self.state.finish(f"round{r}/train", ended - began, **done)
+        return done
+
+    def evaluate(self, r: int) -> None:
+        """Makes sure round r's checkpoints are (being) evaluated; after a restart the
+        evaluator is new, so an unrecorded round is followed again (results.jsonl keeps it
+        from scoring a checkpoint twice)."""
+        stage = f"round{r}/evaluate"
+        if stage not in self.evaluations and not self.state.finished(stage):
+            round_dir = str(self.run_dir / f"round{r}")
+            self.evaluator.watch.remote(round_dir, r, 1.0, r * self.cfg.trainer.max_steps)
+            self.evaluations[stage] = self.evaluator.stop_watching.remote(round_dir)
+
+    def finish(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        began = time.perf_counter()
+        for stage, ref in self.evaluations.items():
+            log.info("waiting for the evaluator: %s", stage)
+            ray.get(ref)
+            self.state.finish(stage, time.perf_counter() - began)
+        write_pipeline_summary(self.run_dir, self.state, self.overlap_notes)
+        write_report(self.run_dir, title=f"DQO pipeline: {self.cfg.run.name}")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def generator_pool(self, start: str) -> GeneratorPool:
+        if self.pool is None:
+            self.pool = GeneratorPool(self.cfg, start)
+            for i, actor in enumerate(self.pool.actors):
+                record_placement(self.run_dir, "generator", i, ray.get(actor.where.remote()))
+        return self.pool
+
+    def policy_version(self, policy: str) -> int:
+        """Training rounds behind `policy`: 0 for the start policy, r+1 after round r."""
+        for r in range(self.cfg.pipeline.rounds):
+            trained = self.state.finished(f"round{r}/train")
+            if trained and trained["policy"] == policy:
+                return r + 1
+        return 0
+
+    def overlap_enabled(self) -> bool:
+        cfg, mode = self.cfg, self.cfg.pipeline.overlap
+        if mode != "auto":
+            return mode == "on"
+        need = {"CPU": (cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
+                        + cfg.generation.num_engines * cfg.generation.cpus_per_engine
+                        + cfg.eval.cpus + 1),  # + 1: Ray Data's read tasks
+                "GPU": (cfg.trainer.num_workers * cfg.trainer.use_gpu
+                        + cfg.generation.num_engines * cfg.generation.gpus_per_engine
+                        + cfg.eval.gpus)}
+        have = ray.cluster_resources()
+        enabled = all(have.get(k, 0) >= v for k, v in need.items())
+        log.info("overlap %s: trainer + engines + evaluator need %s, the cluster has %s",
+                 "on" if enabled else "off", need, {k: have.get(k, 0) for k in need})
+        return enabled
+
+    def note_overlap(self, r: int, train_began: float, train_ended: float) -> None:
+        sampled = self.state.finished(f"round{r + 1}/data")
+        if not sampled or "started" not in sampled:
+            return
+        gen_began = sampled["started"]
+        gen_ended = gen_began + self.state.stages[f"round{r + 1}/data"]["seconds"]
+        both = max(0.0, min(gen_ended, train_ended) - max(gen_began, train_began))
+        note = (f"round {r + 1} sampling ({gen_ended - gen_began:.1f}s) ran alongside round {r} "
+                f"training ({train_ended - train_began:.0f}s); both at once for {both:.1f}s")
+        log.info("overlap: %s", note)
+        self.overlap_notes.append(note)
+
+
+def task_vocabulary(cfg: Config) -> list[str]:
+    """The words a tiny model's tokenizer needs: the task's own list (tinymath), else the
+    words of the training and evaluation problems."""
+    if cfg.task.name == "tinymath":
+        from dqo_ray.tasks.tinymath import TINYMATH_WORDS
+
+        return list(TINYMATH_WORDS)
+    from dqo_ray.tasks import load_problems
+
+    texts = [p.question + " " + (p.solution or "") for p in
+             load_problems(cfg.task.name, cfg.task.source, cfg.task.split, cfg.task.limit)]
+    for name in cfg.eval.datasets:
+        texts += [p.question for p in load_problems(name, cfg.eval.sources.get(name),
+                                                    cfg.eval.split, cfg.eval.limit)]
+    return sorted({w for text in texts for w in re.findall(r"[A-Za-z]+", text)})
+
+
+def write_pipeline_summary(run_dir: Path, state: RunState, overlap: list[str]) -> Path:
+    """run_dir/pipeline.md: the stages with their timings and counts (report.md includes it)."""
+    lines = ["## Pipeline stages", "", "| stage | seconds | attempt | result |",
+             "| --- | ---: | ---: | --- |"]
+    for stage, record in state.stages.items():
+        result = {k: v for k, v in record["result"].items() if k not in ("metrics", "started")}
+        text = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in result.items())
+        lines.append(f"| {stage} | {record['seconds']:.1f} | {record['attempt']} | {text} |")
+    if overlap:
+        lines += ["", "Overlap: " + "; ".join(overlap) + "."]
+    path = run_dir / PIPELINE_FILE
+    tmp = path.with_name(f".{PIPELINE_FILE}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        state = RunState(cfg.run.run_dir, config_to_dict(cfg))
+    except (ConfigError, StateError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    save_resolved(cfg, cfg.run.run_dir)
+    if state.attempt:
+        log.info("resuming %s (start %d): finished stages %s", state.path, state.attempt,
+                 ", ".join(state.stages) or "none")
+    init_ray(cfg.ray)
+    Pipeline(cfg, state).run()
+    results = read_results(cfg.run.run_dir)
+    print(round_table(results))
+    print(f"run folder: {Path(cfg.run.run_dir).absolute()} (report.md, accuracy.png, "
+          "pipeline.md, pipeline_state.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The demo's path, reduced: tinymath, a small warm start, one DQO round, in-process driver on
+the shared Ray instance. Asserts the artefacts and that accuracy is measured (not that it
+improved: that is benchmarks/demo_seeds.py's job). Plus the comparison table (pure)."""
+
+import json
+
+import pytest
+
+from dqo_ray.evaluation.compare import comparison_rows, comparison_table, write_comparison
+from jobs import pipeline
+
+REDUCED = [
+    "trainer.max_steps=3", "trainer.checkpoint_every=3", "trainer.micro_batch_size=8",
+    "trainer.warmup_steps=0",
+    "task.limit=12", "eval.limit=12", "eval.samples=2", "generation.samples_per_prompt=2",
+    "generation.max_new_tokens=48", "eval.max_new_tokens=48", "generation.chunk_prompts=6",
+    "model.tiny_hidden_size=64", "model.tiny_heads=2", "model.tiny_layers=2",
+    "pipeline.rounds=1", "pipeline.warm_start.problems=40", "pipeline.warm_start.steps=20",
+    "pipeline.warm_start.batch_size=8", "pipeline.warm_start.warmup_steps=2",
+    "pipeline.warm_start.threads=1", "run.tensorboard=false",
+]
+
+
+@pytest.mark.ray
+def test_reduced_demo_end_to_end(ray_address, tmp_path, capsys):
+    def run(name: str) -> dict:
+        args = ["--config", "configs/demo.yaml", *(a for o in REDUCED for a in ("--set", o)),
+                "--set", f"run.output_dir={tmp_path}", "--set", f"run.name={name}",
+                "--set", f"data.store={tmp_path}/{name}/store",
+                "--set", f"ray.address={ray_address}"]
+        assert pipeline.main(args) == 0
+        return json.loads((tmp_path / name / "pipeline_state.json").read_text())["stages"]
+
+    stages = run("demo")
+    run_dir = tmp_path / "demo"
+    warm = stages["start/warm"]["result"]
+    assert warm["examples"] == 40 and warm["steps"] == 20 and not warm["cached"]
+    assert warm["final_loss"] < warm["first_loss"]
+    assert warm["policy"].startswith(str(tmp_path / "cache"))  # output_dir/cache
+    assert stages["round0/data"]["result"]["policy"] == warm["policy"]  # sampled from it
+    assert stages["round0/data"]["result"]["samples"] == 12 * 2
+
+    results = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["step"]) for r in results] == [(None, 0), (0, 3)]
+    for row in results:  # measured on the 12 held-out problems, greedy and sampled
+        assert row["dataset"] == "tinymath" and row["n"] == 12
+        assert 0.0 <= row["greedy_acc"] <= 1.0 and 0.0 <= row["sample_acc"] <= 1.0
+    predictions = (run_dir / "predictions" / "tinymath-step0000003.jsonl").read_text()
+    assert len(predictions.splitlines()) == 12
+    report = (run_dir / "report.md").read_text()
+    assert "## Rounds" in report and "| start | 0 |" in report and "| round 0 | 3 |" in report
+    assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "| start | 0 |" in printed and "| round 0 | 3 |" in printed
+
+    # A second demo run (another name, same inputs) reuses the cached warm start.
+    again = run("demo-again")["start/warm"]["result"]
+    assert again["cached"] and again["policy"] == warm["policy"]
+
+
+def test_comparison_table_and_plot(tmp_path):
+    def rows(final_greedy: float) -> list[dict]:
+        return [{"checkpoint": "warm", "step": 0, "round": None, "dataset": "tinymath",
+                 "n": 10, "greedy_acc": 0.3, "sample_acc": 0.2},
+                {"checkpoint": "r1", "step": 8, "round": 1, "dataset": "tinymath", "n": 10,
+                 "greedy_acc": final_greedy, "sample_acc": 0.35}]
+
+    runs = {"dqo": rows(0.4), "gold control": rows(0.3)}
+    table = comparison_table(comparison_rows(runs)).splitlines()
+    assert table[2] == "| dqo | tinymath | 10 | 30.0 | 40.0 | +10.0 | 20.0 | 35.0 | +15.0 |"
+    assert table[3].startswith("| gold control | tinymath | 10 | 30.0 | 30.0 | +0.0 |")
+    md, png = write_comparison(tmp_path, runs, title="t")
+    assert "| dqo |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"

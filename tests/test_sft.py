@@ -1,0 +1,304 @@
+"""Supervised fine-tuning: masked loss, schedule, memorization, bitwise reproducibility, the
+cache and its atomic write."""
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_WORDS
+from safetensors.torch import load_file
+
+from dqo_ray.models import load_policy, load_tokenizer
+from dqo_ray.train import sft
+from dqo_ray.train.sft import (
+    SFTExample,
+    SFTSettings,
+    collate,
+    example_order,
+    lr_at,
+    sft_cache_key,
+    sft_loss,
+    supervised_finetune,
+)
+
+QUICK = SFTSettings(steps=4, batch_size=4, lr=3e-3, threads=1, log_every=2)
+
+
+def memorization_set(tokenizer) -> list[SFTExample]:
+    """8 prompts 'Tom has i apples' -> ' gives away j left</s>' with distinct j per prompt."""
+    assert {"Tom", "gives", "left"} <= set(TINY_WORDS)
+    examples = []
+    for i in range(8):
+        prompt = tokenizer(f"Tom has {i} apples", add_special_tokens=False)["input_ids"]
+        target = tokenizer(f" gives away {i * 3 % 10} left", add_special_tokens=False)["input_ids"]
+        examples.append(SFTExample(prompt, [*target, tokenizer.eos_token_id]))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_checkpoint):
+    return memorization_set(load_tokenizer(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def memorized(tiny_checkpoint, examples, tmp_path_factory):
+    """One 100-step run on the memorization set (about a second), shared by several tests."""
+    settings = SFTSettings(steps=100, batch_size=8, lr=3e-3, warmup_steps=5, threads=1,
+                           log_every=25)
+    out = tmp_path_factory.mktemp("sft") / "policy"
+    calls = []
+    result = supervised_finetune(tiny_checkpoint, out, examples, settings,
+                                 progress=lambda step, loss: calls.append((step, loss)))
+    return result, settings, calls
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --- pure pieces ----------------------------------------------------------------------------
+
+
+def test_sft_loss_is_masked_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    B, L, V = 3, 7, 11
+    logits = torch.randn(B, L, V, generator=gen, requires_grad=True)
+    ids = torch.randint(0, V, (B, L), generator=gen)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[0, 3:6] = True  # prompt 0..2, target 3..5, pad 6
+    mask[1, 1:7] = True
+    mask[2, 5:6] = True
+    loss = sft_loss(logits, ids, mask)
+
+    # Reference: token t is predicted by logits at t - 1, one position at a time.
+    terms = [-torch.log_softmax(logits[b, t - 1].double(), -1)[ids[b, t]]
+             for b in range(B) for t in range(1, L) if mask[b, t]]
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
+
+    loss.backward()
+    scored = mask[:, 1:]  # logits[:, t] is used only when token t + 1 is a target
+    assert logits.grad[:, :-1][~scored].abs().max() == 0
+    assert logits.grad[:, -1].abs().max() == 0
+    assert (logits.grad[:, :-1][scored].abs().sum(-1) > 0).all()
+
+    # Prompt and padding tokens do not enter the loss: change them, same value.
+    other = ids.clone()
+    other[~mask] = (ids[~mask] + 1) % V
+    assert sft_loss(logits, other, mask).item() == loss.item()
+
+
+def test_sft_loss_rejects_an_empty_mask():
+    with pytest.raises(ValueError, match="no predictable token"):
+        sft_loss(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long),
+                 torch.tensor([[True, False, False]]))
+
+
+def test_collate_right_pads_and_masks_targets():
+    batch = collate([SFTExample([5, 6], [7, 3]), SFTExample([5], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 3], [5, 8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[False, False, True, True], [False, True, False, False]]
+
+
+def test_lr_schedule_warms_up_then_decays_to_ten_percent():
+    s = SFTSettings(steps=20, batch_size=1, lr=1.0, warmup_steps=4)
+    lrs = [lr_at(i, s) for i in range(s.steps)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    constant = replace(s, schedule="constant")
+    assert [lr_at(i, constant) for i in range(4, 20)] == [1.0] * 16
+    assert lr_at(0, SFTSettings(steps=1, batch_size=1, lr=2.0)) == pytest.approx(0.2)
+
+
+def test_example_order_is_seeded_epochs_of_permutations():
+    def take(seed, n):
+        order = example_order(5, seed)
+        return [next(order) for _ in range(n)]
+
+    stream = take(0, 15)
+    for epoch in range(3):
+        assert sorted(stream[5 * epoch: 5 * epoch + 5]) == list(range(5))
+    assert stream == take(0, 15)
+    assert stream != take(1, 15)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def test_memorizes_a_small_set(memorized, examples):
+    result, settings, calls = memorized
+    assert not result.cached
+    assert len(result.losses) == settings.steps
+    assert result.losses[-1] < 0.1 * result.losses[0]
+    assert [step for step, _ in calls] == [25, 50, 75, 100]
+
+    model = load_policy(result.checkpoint)
+    model.eval()
+    for e in examples:
+        out = model.generate(torch.tensor([e.prompt_ids]), attention_mask=torch.ones(
+            1, len(e.prompt_ids), dtype=torch.long), max_new_tokens=len(e.target_ids) + 3,
+            do_sample=False)
+        assert out[0, len(e.prompt_ids):].tolist() == e.target_ids  # stops at EOS
+
+
+def test_output_folder_is_a_complete_checkpoint(memorized, tiny_checkpoint, examples):
+    result, settings, _ = memorized
+    out = Path(result.checkpoint)
+    tok = load_tokenizer(out)
+    assert tok.get_vocab() == load_tokenizer(tiny_checkpoint).get_vocab()
+    assert ((out / "generation_config.json").read_bytes()
+            == (tiny_checkpoint / "generation_config.json").read_bytes())
+    meta = json.loads((out / "sft.json").read_text())
+    assert meta["cache_key"] == sft_cache_key(tiny_checkpoint, examples, settings)
+    assert meta["losses"] == result.losses
+    assert meta["final_loss"] == result.losses[-1]
+    assert meta["settings"]["steps"] == settings.steps
+    assert not [p for p in out.parent.iterdir() if "sft-tmp" in p.name]
+
+
+def test_second_call_reuses_the_finished_run(memorized, tiny_checkpoint, examples,
+                                             monkeypatch):
+    result, settings, _ = memorized
+    out = Path(result.checkpoint)
+    before = (out / "model.safetensors").read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run must not load or train a model")
+
+    monkeypatch.setattr(sft, "_train", no_training)
+    monkeypatch.setattr(sft, "load_policy", no_training)
+    # log_every only changes logging: still the same run
+    again = supervised_finetune(tiny_checkpoint, out, examples, replace(settings, log_every=7))
+    assert again.cached
+    assert again.checkpoint == result.checkpoint
+    assert again.losses == result.losses
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_changed_inputs_are_refused_not_reused(memorized, tiny_checkpoint, examples):
+    result, settings, _ = memorized
+    with pytest.raises(ValueError, match="inputs changed") as err:
+        supervised_finetune(tiny_checkpoint, result.checkpoint, examples,
+                            replace(settings, steps=settings.steps + 1))
+    assert result.checkpoint in str(err.value)
+
+
+def test_two_runs_are_bitwise_identical(tiny_checkpoint, examples, tmp_path, caplog):
+    # The caller's thread count (2 here; the run uses 1) and RNG stream are left as they were.
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)
+        rng_before = torch.get_rng_state()
+        with caplog.at_level(logging.INFO, logger="dqo_ray.train.sft"):
+            a = supervised_finetune(tiny_checkpoint, tmp_path / "a", examples, QUICK)
+        assert torch.get_num_threads() == 2
+        assert torch.equal(torch.get_rng_state(), rng_before)
+    finally:
+        torch.set_num_threads(1)
+    steps = [r.getMessage() for r in caplog.records if "sft step" in r.getMessage()]
+    assert [m.split()[2] for m in steps] == ["2/4", "4/4"]
+    assert all("tok/s" in m and "eta" in m for m in steps)
+
+    b = supervised_finetune(tiny_checkpoint, tmp_path / "b", examples, QUICK)
+    supervised_finetune(tiny_checkpoint, tmp_path / "c", examples, replace(QUICK, seed=1))
+    assert not (a.cached or b.cached)
+    assert a.losses == b.losses
+    wa, wb, wc = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)  # the seed matters (example order)
+
+
+def test_cache_key_covers_policy_examples_and_settings(tiny_checkpoint, examples, tmp_path):
+    key = sft_cache_key(tiny_checkpoint, examples, QUICK)
+    assert len(key) == 64 and key == sft_cache_key(tiny_checkpoint, list(examples), QUICK)
+    # The folder's location and logging do not matter ...
+    moved = shutil.copytree(tiny_checkpoint, tmp_path / "moved")
+    assert sft_cache_key(moved, examples, replace(QUICK, log_every=99)) == key
+    # ... the settings, examples, their order and the checkpoint's bytes do.
+    changed = [replace(QUICK, lr=1e-3), replace(QUICK, seed=1), replace(QUICK, steps=5),
+               replace(QUICK, threads=2), replace(QUICK, schedule="constant"),
+               replace(QUICK, warmup_steps=1), replace(QUICK, max_grad_norm=None)]
+    keys = {sft_cache_key(tiny_checkpoint, examples, s) for s in changed}
+    assert len(keys) == len(changed) and key not in keys
+    first = examples[0]
+    for other in ([SFTExample(first.prompt_ids, first.target_ids[1:]), *examples[1:]],
+                  [*examples[1:], first], examples[:-1]):
+        assert sft_cache_key(tiny_checkpoint, other, QUICK) != key
+    config = json.loads((moved / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (moved / "config.json").write_text(json.dumps(config))
+    assert sft_cache_key(moved, examples, QUICK) != key
+    shutil.copy(tiny_checkpoint / "config.json", moved / "config.json")
+    blob = bytearray((moved / "model.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (moved / "model.safetensors").write_bytes(bytes(blob))
+    assert sft_cache_key(moved, examples, QUICK) != key
+
+
+def test_an_interrupted_write_is_not_taken_for_a_finished_run(tiny_checkpoint, examples,
+                                                              tmp_path, monkeypatch):
+    out = tmp_path / "policy"
+
+    def crash(folder, meta):
+        raise KeyboardInterrupt
+
+    # Killed after the weights were written but before sft.json: nothing at out_dir, no debris.
+    monkeypatch.setattr(sft, "_write_meta", crash)
+    with pytest.raises(KeyboardInterrupt):
+        supervised_finetune(tiny_checkpoint, out, examples, QUICK)
+    monkeypatch.undo()
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    # A hard kill leaves a hidden temporary sibling, even one with an sft.json: never read.
+    leftover = tmp_path / ".policy.sft-tmp-dead"
+    shutil.copytree(tiny_checkpoint, leftover)
+    key = sft_cache_key(tiny_checkpoint, examples, QUICK)
+    (leftover / "sft.json").write_text(json.dumps(dict(cache_key=key, losses=[0.0])))
+    result = supervised_finetune(tiny_checkpoint, out, examples, QUICK)
+    assert not result.cached and len(result.losses) == QUICK.steps
+    assert (out / "sft.json").is_file()
+
+    # A checkpoint-looking out_dir without sft.json is refused, not reused or overwritten.
+    foreign = shutil.copytree(tiny_checkpoint, tmp_path / "foreign")
+    with pytest.raises(ValueError, match="not a finished SFT run"):
+        supervised_finetune(tiny_checkpoint, foreign, examples, QUICK)
+    assert not (foreign / "sft.json").exists()
+
+    # An empty out_dir (made ahead by a caller) is simply filled.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not supervised_finetune(tiny_checkpoint, empty, examples, QUICK).cached
+    assert (empty / "sft.json").is_file()
+
+
+def test_clear_errors(tiny_checkpoint, examples, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="no examples"):
+        supervised_finetune(tiny_checkpoint, out, [], QUICK)
+    with pytest.raises(ValueError, match="example 1 has an empty target_ids"):
+        supervised_finetune(tiny_checkpoint, out, [examples[0], SFTExample([5], [])], QUICK)
+    with pytest.raises(ValueError, match="example 0 has an empty prompt_ids"):
+        supervised_finetune(tiny_checkpoint, out, [SFTExample([], [5])], QUICK)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        SFTSettings(steps=0, batch_size=1, lr=1e-3)
+    with pytest.raises(ValueError, match="steps must be >= 1.*batch_size must be >= 1"):
+        SFTSettings(steps=0, batch_size=0, lr=1e-3)
+    with pytest.raises(ValueError, match="schedule must be"):
+        SFTSettings(steps=1, batch_size=1, lr=1e-3, schedule="linear")
+    mutated = replace(QUICK)
+    mutated.steps = 0  # SFTSettings is mutable: checked again at the call
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        supervised_finetune(tiny_checkpoint, out, examples, mutated)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        supervised_finetune(tiny_checkpoint, out, [SFTExample([5], [10**6])], QUICK)
+    with pytest.raises(ValueError, match="not an HF checkpoint folder"):
+        supervised_finetune(tmp_path, out, examples, QUICK)
+    assert not out.exists()
