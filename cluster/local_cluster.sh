@@ -3,7 +3,7 @@
 # raylets), each with its own logical CPUs. Used by tests of multi-node placement.
 #   cluster/local_cluster.sh start [N_WORKERS]   -> prints the GCS address, then the job
 #                                                   submission (dashboard) address
-#   cluster/local_cluster.sh stop
+#   cluster/local_cluster.sh stop                -> stops this cluster, and only it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY="${RAY:-.venv/bin/ray}"
@@ -14,21 +14,48 @@ export RAY_AUTH_MODE=disabled
 PORT="${RAY_LOCAL_PORT:-6390}"
 # Its own dashboard port, so that it never collides with a `ray.init()` instance (8265).
 DASHBOARD_PORT="${RAY_LOCAL_DASHBOARD_PORT:-8275}"
+# Its own temp dir: every process of this cluster names it on its command line, which is how
+# `stop` finds them. (`ray stop` would kill every Ray instance on the machine, e.g. a test
+# session's own.) Short: Ray's socket paths live under it.
+TMP="${RAY_LOCAL_TMP:-/tmp/ray_lc}"
+# Per-node agent ports: nodes on one machine must not share them, nor with other instances.
+AGENT_BASE="${RAY_LOCAL_AGENT_PORT_BASE:-53100}"
+
+node_ports() {  # node index -> its agent / metrics / runtime-env ports
+    local base=$((AGENT_BASE + 10 * $1))
+    echo "--dashboard-agent-listen-port=$base --dashboard-agent-grpc-port=$((base + 1))" \
+         "--metrics-export-port=$((base + 2)) --runtime-env-agent-port=$((base + 3))"
+}
+
 case "${1:-}" in
   start)
     workers="${2:-1}"
+    # shellcheck disable=SC2046
     "$RAY" start --head --port="$PORT" --num-cpus=2 --resources='{"local_head": 1}' \
-        --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-        --disable-usage-stats >/dev/null
+        --temp-dir="$TMP" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+        $(node_ports 0) --disable-usage-stats >/dev/null
     for i in $(seq 1 "$workers"); do
+        # shellcheck disable=SC2046
         "$RAY" start --address="127.0.0.1:$PORT" --num-cpus=2 \
-            --resources="{\"local_worker_$i\": 1}" --disable-usage-stats >/dev/null
+            --resources="{\"local_worker_$i\": 1}" $(node_ports "$i") \
+            --disable-usage-stats >/dev/null
     done
     echo "127.0.0.1:$PORT"
     echo "http://127.0.0.1:$DASHBOARD_PORT"
     ;;
   stop)
-    "$RAY" stop --force >/dev/null 2>&1 || true
+    # The processes naming $TMP (GCS, raylets, dashboard, log monitors) and all their
+    # descendants (agents, workers, actors): TERM, then KILL what is left after 10 s.
+    tree() { local p; for p in "$@"; do echo "$p"; tree $(pgrep -P "$p" || true); done; }
+    pids=$(tree $(pgrep -f -- "$TMP" || true) | sort -u)
+    [[ -z "$pids" ]] && exit 0
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        alive=$(ps -o pid= -p $(echo $pids | tr ' ' ,) 2>/dev/null || true)
+        [[ -z "$alive" ]] && exit 0
+        sleep 0.5
+    done
+    kill -KILL $alive 2>/dev/null || true
     ;;
   *)
     echo "usage: $0 start [N_WORKERS] | stop" >&2

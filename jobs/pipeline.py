@@ -49,6 +49,7 @@ from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import init_ray, record_placement
 from dqo_ray.tasks.items import load_items
 from dqo_ray.train.ray_trainer import train_on_store
+from dqo_ray.train.warm_start import warm_start
 
 log = logging.getLogger("jobs.pipeline")
 
@@ -68,24 +69,22 @@ class Pipeline:
         start = self.start_policy()
         self.evaluator = start_evaluator(self.cfg, start, str(self.run_dir))
         record_placement(self.run_dir, "evaluator", 0, ray.get(self.evaluator.where.remote()))
-        if self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start"):
+        scored = {row.get("checkpoint") for row in read_results(self.run_dir)}
+        if (self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start")
+                and start not in scored):  # scored before a restart, not yet recorded
             self.evaluations["evaluate/start"] = self.evaluator.evaluate.remote(start, 0, None)
         overlap = self.overlap_enabled()
         policy, value = start, None
-        pending: concurrent.futures.Future | None = None  # round r+1 sampled during round r
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
             for r in range(self.cfg.pipeline.rounds):
-                if pending is not None:
-                    pending.result()
-                    pending = None
-                self.data(r, policy, start)
+                self.data(r, policy, start)  # a no-op when sampled during the last round
                 self.reference(r, start)
                 trained = self.state.finished(f"round{r}/train")
-                next_round = r + 1 < self.cfg.pipeline.rounds
-                if (overlap and next_round and trained is None
+                sampling = None  # round r+1, sampled from `policy` while round r trains
+                if (overlap and r + 1 < self.cfg.pipeline.rounds and trained is None
                         and not self.state.finished(f"round{r + 1}/data")):
-                    pending = background.submit(self.data, r + 1, policy, start)
-                trained = trained or self.train(r, policy, value, overlapping=pending)
+                    sampling = background.submit(self.data, r + 1, policy, start)
+                trained = trained or self.train(r, policy, value, overlapping=sampling)
                 policy, value = trained["policy"], trained["value"]
                 self.evaluate(r)
         self.finish()
@@ -96,7 +95,8 @@ class Pipeline:
         if cfg.model.policy == "tiny" and not self.state.finished("start/tiny"):
             began = time.perf_counter()
             words = task_vocabulary(cfg)
-            save_tiny_checkpoint(self.run_dir / "base", words, hidden_size=cfg.model.tiny_hidden_size,
+            save_tiny_checkpoint(self.run_dir / "base", words,
+                                 hidden_size=cfg.model.tiny_hidden_size,
                                  layers=cfg.model.tiny_layers, heads=cfg.model.tiny_heads,
                                  seed=cfg.run.seed)
             self.state.finish("start/tiny", time.perf_counter() - began, words=len(words))
@@ -105,8 +105,6 @@ class Pipeline:
             return base
         done = self.state.finished("start/warm")
         if done is None:
-            from dqo_ray.train.warm_start import warm_start
-
             began = time.perf_counter()
             done = warm_start(cfg, base)
             self.state.finish("start/warm", time.perf_counter() - began, **done)
@@ -136,7 +134,8 @@ class Pipeline:
         if pool.weights != policy:
             pool.load_weights(policy)
         items = load_items(self.cfg.task, load_tokenizer(policy), self.cfg.run.seed)
-        summary = pool.generate(items, r, policy_version=self.policy_version(policy), store=self.store)
+        summary = pool.generate(items, r, policy_version=self.policy_version(policy),
+                                store=self.store)
         log.info("round %d data: %s", r, summary)
         self.state.finish(stage, time.perf_counter() - began, source="generate", policy=policy,
                           samples=summary.samples, accuracy=summary.accuracy,
@@ -148,8 +147,10 @@ class Pipeline:
         if self.state.finished(stage):
             return
         began = time.perf_counter()
-        reference = resolve_checkpoint(self.cfg.model.reference, self.run_dir, "model.reference") \
-            if self.cfg.model.reference else start
+        reference = start
+        if self.cfg.model.reference:
+            reference = resolve_checkpoint(self.cfg.model.reference, self.run_dir,
+                                           "model.reference")
         rows = score_reference(self.store, reference, load_tokenizer(start).pad_token_id,
                                list(range(r + 1)), self.cfg.data.ref_actors,
                                self.cfg.data.ref_batch_size, self.cfg.trainer.use_gpu)
