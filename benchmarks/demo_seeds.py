@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from dqo_ray.config import load_config
-from dqo_ray.evaluation.compare import comparison_rows, comparison_table
 from dqo_ray.evaluation import read_results
+from dqo_ray.evaluation.compare import comparison_rows, comparison_table
 from dqo_ray.runtime import init_ray
 from jobs.compare import compare
 
