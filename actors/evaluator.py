@@ -118,7 +118,8 @@ class Evaluator:
     def watch(self, train_run_dir: str, round: int | None = None, poll_s: float = 1.0,
               step_offset: int = 0) -> None:
         """Evaluates every checkpoint a training run commits, in a background thread, until
-        `stop_watching`; several runs can be followed at once. Checkpoints are announced by
+        `stop_watching`; several runs can be followed at once. The actor is threaded, so its
+        calls may run out of order: wait for `watch` before sending the `stop_watching`. Checkpoints are announced by
         rank 0's metrics file (a line with checkpoint=true is written after Ray committed
         checkpoint-<step>); results are recorded at step + step_offset (a pipeline's rounds
         each count steps from 1)."""
@@ -128,8 +129,8 @@ class Evaluator:
         stop = threading.Event()
         thread = threading.Thread(target=self._follow, args=(run, round, poll_s, step_offset,
                                                              stop), daemon=True)
+        thread.start()  # before it is registered: stop_watching may join it at once
         self._watchers[run] = (thread, stop)
-        thread.start()
 
     def _pending(self, run: Path) -> list[tuple[int, Path]]:
         found = []

@@ -165,7 +165,9 @@ class Pipeline:
             cfg, data=dataclasses.replace(cfg.data, rounds=list(range(r + 1))),
             model=dataclasses.replace(cfg.model, value=value or cfg.model.value))
         offset = r * cfg.trainer.max_steps
-        self.evaluator.watch.remote(str(round_dir), r, 1.0, offset)
+        # Waited for: the evaluator is a threaded actor, so calls are not run in order; the
+        # watch must be in place before the stop_watching sent after training.
+        ray.get(self.evaluator.watch.remote(str(round_dir), r, 1.0, offset))
         began = time.perf_counter()
         log.info("round %d: training %d steps from %s%s", r, cfg.trainer.max_steps, policy,
                  f" while round {r + 1} is sampled" if overlapping else "")
@@ -190,7 +192,8 @@ class Pipeline:
         stage = f"round{r}/evaluate"
         if stage not in self.evaluations and not self.state.finished(stage):
             round_dir = str(self.run_dir / f"round{r}")
-            self.evaluator.watch.remote(round_dir, r, 1.0, r * self.cfg.trainer.max_steps)
+            ray.get(self.evaluator.watch.remote(round_dir, r, 1.0,
+                                                r * self.cfg.trainer.max_steps))
             self.evaluations[stage] = self.evaluator.stop_watching.remote(round_dir)
 
     def finish(self) -> None:

@@ -1,6 +1,7 @@
 """The pipeline job: its state file (pure), the per-round table, and the whole job submitted
 with `ray job submit` to a local two-node cluster, stopped mid-round and re-submitted."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -107,19 +108,31 @@ def _submit(address: str, job_id: str, out: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@contextlib.contextmanager
 def _client(address: str):
+    """A job client for the loopback test cluster (no token auth). The switch is set only
+    around the call: later tests' jobs join the session's own Ray, which checks tokens."""
     from ray.job_submission import JobSubmissionClient
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the loopback test cluster
-    return JobSubmissionClient(address)
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield JobSubmissionClient(address)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
 
 
 def _status(address: str, job_id: str) -> str:
-    return str(_client(address).get_job_status(job_id).value)
+    with _client(address) as client:
+        return str(client.get_job_status(job_id).value)
 
 
 def _logs(address: str, job_id: str) -> str:
-    return _client(address).get_job_logs(job_id)
+    with _client(address) as client:
+        return client.get_job_logs(job_id)
 
 
 def _wait(address: str, job_id: str, until, timeout: float) -> str:
