@@ -308,10 +308,8 @@ class CompareConfig:
     """jobs/compare.py: pipeline runs that differ only in algo.name, on the same prompts,
     samples and training budget, plus a supervised control."""
 
-    algos: list[Literal["dqo", "rft", "dro"]] = field(
-        default_factory=lambda: ["dqo", "rft", "dro"])
-    """DPO is not offered: it needs (chosen, rejected) pairs side by side in a batch, and
-    the data path does not build pairs yet."""
+    algos: list[Literal["dqo", "rft", "dpo", "dro"]] = field(
+        default_factory=lambda: ["dqo", "rft", "dpo", "dro"])
     gold_control: bool = True
     """Also continue supervised training on the warm-start gold set for the same budget
     (steps x batch), from the warm-start checkpoint: is any gain more than more SFT?"""
@@ -336,13 +334,19 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def check(self) -> list[str]:
+        problems = []
         head_dim = self.model.tiny_hidden_size // self.model.tiny_heads
         if (self.model.policy == "tiny" and self.generation.engine != "hf"
                 and head_dim not in VLLM_CPU_HEAD_SIZES):
-            return [f"model.tiny_hidden_size / model.tiny_heads = {head_dim} is not a head size "
-                    f"vLLM supports on CPU ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); "
-                    "change them or set generation.engine: hf"]
-        return []
+            problems.append(
+                f"model.tiny_hidden_size / model.tiny_heads = {head_dim} is not a head size "
+                f"vLLM supports on CPU ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); "
+                "change them or set generation.engine: hf")
+        if self.algo.name == "dpo" and self.trainer.micro_batch_size % 2:
+            problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
+                            "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "
+                            "pairs)")
+        return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,9 +65,11 @@ def ray_address():
 
 
 def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shard: int = 64,
-                    response_len: int = 6, seed: int = 0):
+                    response_len: int = 6, seed: int = 0, paired: bool = False):
     """A store of toy trajectories: chat-templated prompts, random responses ending in EOS,
-    every other one rewarded (correct). behaviour_logprobs unknown (null), as for external data."""
+    every other one rewarded (correct). behaviour_logprobs unknown (null), as for external data.
+    paired=True: rows 2k and 2k+1 of a shard share one prompt (one correct, one not), so DPO
+    finds pairs; otherwise a prompt's rows are all correct or all incorrect."""
     from dqo_ray.data.store import TrajectoryStore
     from dqo_ray.models import load_tokenizer
 
@@ -77,12 +79,13 @@ def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shar
     for shard in range(shards):
         rows = []
         for i in range(rows_per_shard):
-            prompt = tok.apply_chat_template([{"role": "user", "content": f"Tom has {i} apples"}],
+            k = i // 2 if paired else i
+            prompt = tok.apply_chat_template([{"role": "user", "content": f"Tom has {k} apples"}],
                                              add_generation_prompt=True, tokenize=False)
             response = torch.randint(10, len(tok), (response_len,), generator=gen).tolist()
             response.append(tok.eos_token_id)
             rows.append(dict(
-                traj_id=f"s{shard}-{i}", prompt_id=f"p{i}", round=0, policy_version=0,
+                traj_id=f"s{shard}-{i}", prompt_id=f"p{k}", round=0, policy_version=0,
                 dataset="toy", prompt=prompt, response=tok.decode(response),
                 prompt_ids=tok(prompt)["input_ids"], response_ids=response,
                 behaviour_logprobs=None, reward=float(i % 2 == 0), correct=i % 2 == 0,

@@ -6,6 +6,7 @@ last checkpoint with exact epoch accounting (no position skipped or trained twic
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -145,6 +146,43 @@ def test_dqo_learns_on_a_fixed_store(tmp_path, scored_store, tiny_checkpoint, ra
     assert len([p for p in (run_dir / "train").glob("checkpoint-*") if p.is_dir()]) == 2
     assert (run_dir / "config.resolved.yaml").exists()
     assert_exact_epoch_accounting(run_dir / "ledger", 24)
+
+
+def test_dpo_trains_on_whole_pairs(tmp_path, tiny_checkpoint, ray_address):
+    """algo.name=dpo: every micro-batch is (chosen, rejected) pairs of one prompt, pairs are
+    never cut between ranks, and the chosen responses gain log-probability on the rejected."""
+    store = write_toy_store(tmp_path / "paired", tiny_checkpoint, shards=2, rows_per_shard=64,
+                            paired=True)
+    pad = load_tokenizer(tiny_checkpoint).pad_token_id
+    assert score_reference(store, str(tiny_checkpoint), pad) == 128
+    cfg = job_config(tmp_path, tmp_path / "paired", tiny_checkpoint, max_steps=12,
+                     checkpoint_every=12)
+    assert train_job.main(["--config", str(cfg), "--set", f"ray.address={ray_address}",
+                           "--set", "algo.name=dpo", "--set", "algo.dpo_beta=0.5"]) == 0
+    run_dir = tmp_path / "runs" / "t"
+    metrics = read_jsonl(run_dir / "train_metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy = pi_ref
+    assert metrics[-1]["dpo_margin"] > 0.5, metrics[-1]
+
+    # 64 pairs per epoch, 32 per rank, 2 pairs x 2 micro-batches per step: 4 steps an epoch
+    pair_keys: dict[int, list[int]] = defaultdict(list)
+    for rank_steps in final_history(run_dir / "ledger").values():
+        for record in rank_steps.values():
+            keys = record["order_key"]
+            assert len(keys) == 2 * 8
+            assert keys[0::2] == keys[1::2], keys  # both rows of a pair share its key
+            pair_keys[record["epoch"]] += keys[0::2]
+    assert sorted(pair_keys) == [0, 1, 2]
+    for keys in pair_keys.values():
+        assert len(keys) == len(set(keys)) == 64  # every pair once per epoch, none cut
+
+    ckpt = run_dir / "train" / "checkpoint-0000012"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 12
+    rows = TrajectoryStore(str(tmp_path / "store")).read_table().to_pylist()
+    before = sequence_logprob_gap(load_policy(tiny_checkpoint).eval(), rows)
+    after = sequence_logprob_gap(load_policy(ckpt / "policy").eval(), rows)
+    assert after > before + 0.5, (before, after)
 
 
 def test_zero_stages_agree(tmp_path, scored_store, tiny_checkpoint, ray_address):

@@ -26,6 +26,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dqo_ray.data.batch import pad_trajectories
 from dqo_ray.data.order import copies_per_row, order_keys
+from dqo_ray.data.pairs import preference_pairs
 from dqo_ray.data.store import ShardInfo, TrajectoryStore
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,20 @@ class MixAndKey:
 
 
 def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
-                  weights: Mapping[int, float], seed: int, epoch: int) -> ray.data.Dataset:
-    """The mixed, ordered rows of one epoch (lazy)."""
+                  weights: Mapping[int, float], seed: int, epoch: int,
+                  pairs: bool = False) -> ray.data.Dataset:
+    """The mixed, ordered rows of one epoch (lazy). pairs=True (DPO): only interleaved
+    (chosen, rejected) rows of the same prompt (`dqo_ray.data.pairs`)."""
     _deterministic_context()
+    columns = TRAIN_COLUMNS + ["prompt_id"] if pairs else TRAIN_COLUMNS
     ds = ray.data.read_parquet(store.paths(shards), filesystem=store.filesystem,
-                               columns=TRAIN_COLUMNS, partitioning=None)
+                               columns=columns, partitioning=None)
     ds = ds.map_batches(MixAndKey(weights, seed, epoch), batch_format="pyarrow")
-    return ds.sort("order_key")
+    if not pairs:
+        return ds.sort("order_key")
+    # A prompt's rows may sit in any block: group them first, then pair within the group.
+    ds = ds.groupby("prompt_id").map_groups(preference_pairs, batch_format="pyarrow")
+    return ds.sort(["order_key", "pair_pos"])
 
 
 class TrajectoryCollate(NumpyBatchCollateFn):
@@ -96,19 +104,30 @@ class EpochPlanner:
     """
 
     def __init__(self, store_root: str, rounds: Sequence[int] | None,
-                 weights: Mapping[int, float], seed: int, world_size: int) -> None:
+                 weights: Mapping[int, float], seed: int, world_size: int,
+                 pairs: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = TrajectoryStore(store_root)
         self.shards = self.store.shards(rounds)
         self.weights, self.seed, self.world_size = dict(weights), seed, world_size
+        self.pairs = pairs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-planner")
         self._builds: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def _build(self, epoch: int) -> list[Any]:
         start = time.perf_counter()
-        ds = epoch_dataset(self.store, self.shards, self.weights, self.seed, epoch).materialize()
+        ds = epoch_dataset(self.store, self.shards, self.weights, self.seed, epoch,
+                           self.pairs).materialize()
+        if self.pairs:
+            if ds.count() == 0:
+                raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
+                                 f"{sorted({s.round for s in self.shards})}: DPO needs prompts "
+                                 "with both a correct and an incorrect response")
+            # An equal split cuts at multiples of count // world (contiguous ranges), so a
+            # count that is a multiple of 2 * world keeps every pair within one rank.
+            ds = ds.limit(ds.count() // (2 * self.world_size) * 2 * self.world_size)
         splits = ds.split(self.world_size, equal=True)
         log.info("epoch %d: %d rows ordered and split %d ways in %.1fs", epoch, ds.count(),
                  self.world_size, time.perf_counter() - start)
@@ -130,10 +149,10 @@ class EpochPlanner:
 
 
 def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mapping[int, float],
-                  seed: int, world_size: int) -> Any:
+                  seed: int, world_size: int, pairs: bool = False) -> Any:
     """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs)."""
     remote_cls = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlanner)
-    return remote_cls.remote(store_root, rounds, weights, seed, world_size)
+    return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs)
 
 
 def split_step_batches(split: ray.data.Dataset, micro_batch: int, grad_accum: int,

@@ -106,7 +106,8 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     tcfg = cfg.trainer
     weights = {int(k): v for k, v in cfg.data.round_weights.items()}
     planner = planner_actor(cfg.data.store, cfg.data.rounds or None, weights,
-                            cfg.data.shuffle_seed, tcfg.num_workers)
+                            cfg.data.shuffle_seed, tcfg.num_workers,
+                            pairs=cfg.algo.name == "dpo")
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={"config": to_dict(cfg), "policy_path": str(policy_path),
