@@ -2,75 +2,148 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pyarrow as pa
 import pytest
 
 from dqo_ray.config import ConfigError, load_config
+from dqo_ray.data.order import hash63, order_keys
 from dqo_ray.data.pairs import preference_pairs
 
-
-def rows_table(spec: list[tuple[str, bool, int]]) -> pa.Table:
-    """(prompt_id, correct, order_key) per row; traj_id = its index."""
-    return pa.table({"traj_id": [f"t{i}" for i in range(len(spec))],
-                     "prompt_id": [p for p, _, _ in spec],
-                     "correct": [c for _, c, _ in spec],
-                     "order_key": pa.array([k for _, _, k in spec], type=pa.int64())})
+SEED, EPOCH = 3, 0
 
 
-def sorted_pairs(table: pa.Table) -> list[dict]:
+def rows_table(spec: list[tuple[str, bool]], seed: int = SEED, epoch: int = EPOCH,
+               traj_ids: list[str] | None = None) -> pa.Table:
+    """One row per (prompt_id, correct); traj_id t<i> unless given; order_key as MixAndKey
+    computes it (copy 0); `payload` = i, a column pairing must carry along."""
+    traj_ids = traj_ids or [f"t{i}" for i in range(len(spec))]
+    copies = Counter()
+    copy_no = []
+    for t in traj_ids:
+        copy_no.append(copies[t])
+        copies[t] += 1
+    return pa.table({"traj_id": traj_ids,
+                     "prompt_id": [p for p, _ in spec],
+                     "correct": [c for _, c in spec],
+                     "payload": list(range(len(spec))),
+                     "order_key": pa.array(order_keys(traj_ids, copy_no, seed, epoch),
+                                           type=pa.int64())})
+
+
+def epoch_order(table: pa.Table) -> list[dict]:
+    """The rows as the pipeline orders them: a stable sort by (order_key, pair_pos)."""
     rows = table.to_pylist()
     return sorted(rows, key=lambda r: (r["order_key"], r["pair_pos"]))
-
-
-def test_pairs_are_interleaved_chosen_then_rejected_of_one_prompt():
-    spec = [("a", True, 50), ("a", False, 10), ("a", False, 30), ("a", True, 20),
-            ("b", True, 5), ("b", True, 6),  # only correct: no pair
-            ("c", False, 7),  # only incorrect: no pair
-            ("d", False, 40), ("d", True, 60), ("d", False, 1)]
-    out = sorted_pairs(preference_pairs(rows_table(spec)))
-    # a: correct sorted by key (20, 50), incorrect (10, 30) -> pairs (t3, t1), (t0, t2)
-    # d: correct (60) and the incorrect with the smaller key (1) -> (t8, t9)
-    assert [(r["traj_id"], r["pair_pos"]) for r in out] == [
-        ("t3", 0), ("t1", 1), ("t0", 0), ("t2", 1), ("t8", 0), ("t9", 1)]
-    # both rows of a pair carry the chosen row's key, so the sort keeps them adjacent
-    assert [r["order_key"] for r in out] == [20, 20, 50, 50, 60, 60]
-    for chosen, rejected in zip(out[0::2], out[1::2], strict=True):
-        assert chosen["prompt_id"] == rejected["prompt_id"]
-        assert chosen["correct"] and not rejected["correct"]
-
-
-def test_pair_count_is_min_of_correct_and_incorrect_per_prompt():
-    spec = [(f"p{i % 5}", (i * 7) % 3 == 0, i * 13 % 101) for i in range(60)]
-    out = preference_pairs(rows_table(spec))
-    expected = 0
-    for prompt in {p for p, _, _ in spec}:
-        ok = sum(c for p, c, _ in spec if p == prompt)
-        bad = sum(not c for p, c, _ in spec if p == prompt)
-        expected += min(ok, bad)
-    assert out.num_rows == 2 * expected > 0
-    assert len(set(out.column("traj_id").to_pylist())) == out.num_rows  # no row used twice
 
 
 def matching(rows: list[dict]) -> set[tuple[str, str]]:
     return {(c["traj_id"], r["traj_id"]) for c, r in zip(rows[0::2], rows[1::2], strict=True)}
 
 
-def test_other_order_keys_pair_other_rows():
-    spec = [("a", True, 1), ("a", True, 2), ("a", False, 3), ("a", False, 4)]
-    first = sorted_pairs(preference_pairs(rows_table(spec)))
-    again = sorted_pairs(preference_pairs(rows_table(spec)))
-    assert first == again
-    # another epoch gives other order keys: the other matching of the same rows
-    reshuffled = [("a", True, 2), ("a", True, 1), ("a", False, 3), ("a", False, 4)]
-    second = sorted_pairs(preference_pairs(rows_table(reshuffled)))
-    assert matching(first) == {("t0", "t2"), ("t1", "t3")}
-    assert matching(second) == {("t1", "t2"), ("t0", "t3")}
+MIXED = ([("a", True)] * 3 + [("a", False)] * 2  # 2 pairs
+         + [("b", True)] * 2  # only correct: no pair
+         + [("c", False)] * 3  # only incorrect: no pair
+         + [("d", False)] * 4 + [("d", True)]  # 1 pair
+         + [("e", True), ("e", False)])  # 1 pair
 
 
-def test_missing_columns_are_named():
-    table = pa.table({"traj_id": ["t0"], "correct": [True]})
-    with pytest.raises(ValueError, match=r"missing column\(s\) prompt_id, order_key"):
-        preference_pairs(table)
+def test_sorted_rows_are_chosen_then_rejected_of_one_prompt():
+    spec = MIXED[:]
+    random.Random(0).shuffle(spec)
+    rows = epoch_order(preference_pairs(rows_table(spec), SEED, EPOCH))
+    assert len(rows) == 2 * 4
+    assert [r["pair_pos"] for r in rows] == [0, 1] * 4
+    for chosen, rejected in zip(rows[0::2], rows[1::2], strict=True):
+        assert chosen["prompt_id"] == rejected["prompt_id"]
+        assert chosen["correct"] is True and rejected["correct"] is False
+        assert chosen["order_key"] == rejected["order_key"]  # the pair's one sort key
+    pair_keys = [r["order_key"] for r in rows[0::2]]
+    assert pair_keys == sorted(set(pair_keys))  # distinct keys: pairs never interleave
+    # the pair key is the chosen row's own order key; other columns come along unchanged
+    by_traj = {r["traj_id"]: r for r in rows_table(spec).to_pylist()}
+    for chosen, rejected in zip(rows[0::2], rows[1::2], strict=True):
+        assert chosen["order_key"] == by_traj[chosen["traj_id"]]["order_key"]
+        assert rejected["payload"] == by_traj[rejected["traj_id"]]["payload"]
+
+
+def test_pair_count_is_min_of_correct_and_incorrect_per_prompt():
+    gen = random.Random(1)
+    spec = [(f"p{gen.randrange(12)}", gen.random() < 0.3) for _ in range(200)]
+    out = preference_pairs(rows_table(spec), SEED, EPOCH)
+    per_prompt = {p: Counter(c for q, c in spec if q == p) for p, _ in spec}
+    expected = {p: min(n[True], n[False]) for p, n in per_prompt.items()}
+    assert out.num_rows == 2 * sum(expected.values()) > 0
+    got = Counter(out.column("prompt_id").to_pylist()[0::2])
+    assert got == {p: n for p, n in expected.items() if n}  # prompts without a pair: absent
+    assert len(set(out.column("traj_id").to_pylist())) == out.num_rows  # no row used twice
+
+
+def test_prompts_with_one_side_only_give_nothing():
+    spec = [("b", True)] * 3 + [("c", False)] * 2
+    out = preference_pairs(rows_table(spec), SEED, EPOCH)
+    assert out.num_rows == 0
+    assert out.column_names == ["traj_id", "prompt_id", "correct", "payload", "order_key",
+                                "pair_pos"]
+    assert out.schema.field("pair_pos").type == pa.int8()
+
+
+def test_rows_are_ranked_by_the_pair_hash_not_by_order():
+    spec = [("a", True)] * 3 + [("a", False)] * 2
+    table = rows_table(spec)
+    rank = sorted(range(5), key=lambda i: hash63("pair", SEED, EPOCH, f"t{i}"))
+    chosen = [f"t{i}" for i in rank if i < 3][:2]
+    rejected = [f"t{i}" for i in rank if i >= 3]
+    expected = set(zip(chosen, rejected, strict=True))
+    assert matching(epoch_order(preference_pairs(table, SEED, EPOCH))) == expected
+    # the same rows under other order keys (another seed's order) pair the same way
+    other = table.set_column(4, "order_key", rows_table(spec, seed=99).column("order_key"))
+    assert matching(epoch_order(preference_pairs(other, SEED, EPOCH))) == expected
+
+
+def test_deterministic_and_independent_of_input_order():
+    table = rows_table(MIXED)
+    first = preference_pairs(table, SEED, EPOCH)
+    assert preference_pairs(table, SEED, EPOCH).equals(first)
+    permuted = table.take(pa.array(random.Random(2).sample(range(len(MIXED)), len(MIXED))))
+    assert epoch_order(preference_pairs(permuted, SEED, EPOCH)) == epoch_order(first)
+
+
+def test_other_epochs_pair_other_rows():
+    spec = [("a", True)] * 3 + [("a", False)] * 3
+    matchings = []
+    for epoch in range(8):
+        rows = epoch_order(preference_pairs(rows_table(spec, epoch=epoch), SEED, epoch))
+        matchings.append(frozenset(matching(rows)))
+        assert len(matchings[-1]) == 3
+    assert len(set(matchings)) > 1
+    # an unbalanced prompt leaves out different rows from epoch to epoch
+    spec = [("a", True)] * 4 + [("a", False)]
+    used = {tuple(preference_pairs(rows_table(spec, epoch=e), SEED, e)
+                  .column("traj_id").to_pylist()) for e in range(8)}
+    assert len(used) > 1
+    # ...and another seed, same epoch, too
+    seeds = {tuple(preference_pairs(rows_table(spec, seed=s), s, EPOCH)
+                   .column("traj_id").to_pylist()) for s in range(8)}
+    assert len(seeds) > 1
+
+
+def test_copies_of_a_row_pair_like_other_rows():
+    # a round of weight 2: every row twice, the copies with their own order keys
+    spec = [("a", True), ("a", False), ("a", True), ("a", False)]
+    table = rows_table(spec, traj_ids=["c", "r", "c", "r"])
+    rows = epoch_order(preference_pairs(table, SEED, EPOCH))
+    assert [(r["traj_id"], r["pair_pos"]) for r in rows] == [("c", 0), ("r", 1)] * 2
+    assert rows[0]["order_key"] != rows[2]["order_key"]  # two pairs, two places in the epoch
+
+
+@pytest.mark.parametrize("drop", ["prompt_id", "correct"])
+def test_missing_columns_are_named(drop):
+    table = rows_table(MIXED).drop_columns([drop])
+    with pytest.raises(ValueError, match=rf"preference_pairs: missing column\(s\) {drop};"):
+        preference_pairs(table, SEED, EPOCH)
 
 
 def test_dpo_needs_an_even_micro_batch():

@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def _hash63(*parts: object) -> int:
+def hash63(*parts: object) -> int:
+    """A non-negative 63-bit hash of `parts` (their str), the same in every process and
+    machine (Python's hash() is salted per process)."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # non-negative int64
 
@@ -30,7 +32,7 @@ def copies_per_row(traj_ids: Sequence[str], rounds: Sequence[int],
     for i, (traj_id, rnd) in enumerate(zip(traj_ids, rounds, strict=True)):
         weight = weights.get(int(rnd), 1.0)
         whole, frac = int(math.floor(weight)), weight - math.floor(weight)
-        extra = frac > 0 and _hash63("mix", seed, epoch, traj_id) / 2**63 < frac
+        extra = frac > 0 and hash63("mix", seed, epoch, traj_id) / 2**63 < frac
         out[i] = whole + int(extra)
     return out
 
@@ -38,6 +40,6 @@ def copies_per_row(traj_ids: Sequence[str], rounds: Sequence[int],
 def order_keys(traj_ids: Sequence[str], copies: Sequence[int], seed: int,
                epoch: int) -> np.ndarray:
     """Sort key of each (row, copy index) in the epoch order ([N] int64)."""
-    return np.fromiter((_hash63("order", seed, epoch, t, c)
+    return np.fromiter((hash63("order", seed, epoch, t, c)
                         for t, c in zip(traj_ids, copies, strict=True)), dtype=np.int64,
                        count=len(traj_ids))

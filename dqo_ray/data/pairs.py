@@ -1,50 +1,65 @@
 """Preference pairs for DPO (pure pyarrow; the Ray Data pipeline applies it per prompt).
 
-`dpo_loss` reads a batch as interleaved (chosen, rejected) rows of the same prompt. From the
-rows of one epoch (after round mixing, so each row already carries its `order_key`):
+`dpo_loss` reads a micro-batch as interleaved rows: 2i chosen (a correct response), 2i+1
+rejected (an incorrect response to the same prompt). `preference_pairs` builds such pairs
+from the rows of one epoch, after round mixing (`MixAndKey`: copies and `order_key` are
+already there). Choices:
 
-- rows are grouped by `prompt_id`; within a prompt, the correct rows and the incorrect rows
-  are each sorted by `order_key` and zipped, so a prompt with c correct and i incorrect rows
-  gives min(c, i) pairs, and which rows meet changes from epoch to epoch with the order keys;
-- a prompt with only correct or only incorrect rows gives no pair (DPO has nothing to
-  compare there); rows left over on the larger side are not used this epoch;
-- round weights act before pairing: a round of weight 2 brings each row twice, so its
-  prompts form up to twice the pairs;
-- both rows of a pair get the chosen row's `order_key` and a `pair_pos` (0 chosen,
-  1 rejected), so sorting the epoch by (order_key, pair_pos) keeps pairs adjacent, chosen
-  first, in an order as deterministic as the unpaired one.
+- Pairs per prompt: rows are grouped by `prompt_id`; a prompt with c correct and i incorrect
+  rows gives min(c, i) pairs, each row in at most one pair. A prompt with only correct or
+  only incorrect rows gives none (DPO has nothing to compare there); the leftover rows of
+  the larger side are not used this epoch.
+- Which rows meet: each side is ranked by `hash63("pair", seed, epoch, traj_id)` (ties, i.e.
+  copies of one trajectory, by `order_key`) and the two rankings are zipped. The ranking
+  changes with the epoch, so a prompt with several candidates meets other partners (and
+  leaves other rows out) from epoch to epoch. It is not the order key on purpose: picking
+  the rows with the smallest order keys would put the pairs of unbalanced prompts early in
+  every epoch.
+- Round weights act before pairing: rows arrive with `copies_per_row`'s copies, so a round
+  of weight 2 brings each of its rows twice and its prompts form up to twice the pairs; a
+  weight < 1 leaves some rows out before pairing. A weight is defined per trajectory, and
+  the two rows of a pair may come from rounds of different weights, so weighting pairs
+  afterwards would need a rule of its own.
+- Order: both rows of a pair take the chosen row's `order_key` (a uniform hash, unique per
+  row copy while traj_ids are unique in the store, as ingest and the generator ensure) and
+  a `pair_pos` column (0 chosen, 1 rejected), so a sort by (order_key, pair_pos) keeps each
+  pair adjacent, chosen first, and orders the pairs as reproducibly as an unpaired epoch.
+- The result does not depend on the order of the input rows (Ray's groupby may deliver a
+  prompt's rows in any order); rows come out pair by pair.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import pyarrow as pa
 
-PAIR_COLUMNS = ("prompt_id", "correct", "order_key")
+from dqo_ray.data.order import hash63
+
+PAIR_COLUMNS = ("traj_id", "prompt_id", "correct", "order_key")
 
 
-def preference_pairs(table: pa.Table) -> pa.Table:
-    """Rows of `table` (any prompts) -> interleaved (chosen, rejected) pairs with `pair_pos`.
+def preference_pairs(table: pa.Table, seed: int, epoch: int) -> pa.Table:
+    """Rows of `table` (one or many prompts) -> interleaved (chosen, rejected) rows of the
+    same prompt, with the pair's `order_key` on both rows and `pair_pos` (int8: 0 chosen,
+    1 rejected). Other columns are carried as they are.
 
-    Raises ValueError naming the columns it needs when one is missing."""
+    Raises ValueError naming the missing columns when one of PAIR_COLUMNS is absent."""
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"preference_pairs: missing column(s) {', '.join(missing)}; "
-                         f"pairing needs {', '.join(PAIR_COLUMNS)} (has "
-                         f"{', '.join(table.column_names)})")
-    prompts = table.column("prompt_id").to_pylist()
-    correct = table.column("correct").to_pylist()
+        raise ValueError(f"preference_pairs: missing column(s) {', '.join(missing)}; pairing "
+                         f"needs {', '.join(PAIR_COLUMNS)} (the table has "
+                         f"{', '.join(table.column_names) or 'no column'})")
+    traj_ids = table.column("traj_id").to_pylist()
     keys = table.column("order_key").to_pylist()
-    by_prompt: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i, (prompt, ok) in enumerate(zip(prompts, correct, strict=True)):
-        by_prompt[prompt][0 if ok else 1].append(i)
+    sides: dict[str, tuple[list, list]] = {}  # prompt_id -> (correct rows, incorrect rows)
+    for i, (prompt, ok) in enumerate(zip(table.column("prompt_id").to_pylist(),
+                                         table.column("correct").to_pylist(), strict=True)):
+        rank = (hash63("pair", seed, epoch, traj_ids[i]), traj_ids[i], keys[i])
+        sides.setdefault(prompt, ([], []))[0 if ok else 1].append((rank, i))
 
     index: list[int] = []
-    for chosen, rejected in by_prompt.values():
-        chosen.sort(key=keys.__getitem__)
-        rejected.sort(key=keys.__getitem__)
-        for c, r in zip(chosen, rejected, strict=False):  # min(c, i) pairs
+    for prompt in sorted(sides):
+        chosen, rejected = (sorted(rows) for rows in sides[prompt])
+        for (_, c), (_, r) in zip(chosen, rejected, strict=False):  # min(c, i) pairs
             index += [c, r]
     out = table.take(pa.array(index, type=pa.int64()))
     pair_keys = [keys[c] for c in index[0::2] for _ in range(2)]

@@ -6,6 +6,9 @@
     training stream   EpochPlanner actor, once per epoch for all ranks: read_parquet(rounds)
                       -> map_batches(mix rounds, order keys) -> sort(order key) -> materialize
                       -> split(world, equal=True); epoch e+1 is built while e trains.
+                      DPO (pairs=True): ... -> groupby(prompt_id) -> map_groups(
+                      preference_pairs) -> sort(order key, pair_pos) -> split into
+                      contiguous ranges of even length (pairs never cut).
                       Rank r: its split -> iter_torch_batches(TrajectoryCollate) -> micro-batches
                       grouped per global step (see train/loop.py for the accounting)
 """
@@ -75,7 +78,8 @@ def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
     if not pairs:
         return ds.sort("order_key")
     # A prompt's rows may sit in any block: group them first, then pair within the group.
-    ds = ds.groupby("prompt_id").map_groups(preference_pairs, batch_format="pyarrow")
+    ds = ds.groupby("prompt_id").map_groups(preference_pairs, batch_format="pyarrow",
+                                            fn_kwargs={"seed": seed, "epoch": epoch})
     return ds.sort(["order_key", "pair_pos"])
 
 
@@ -100,7 +104,8 @@ class EpochPlanner:
     the next epoch is built in the background while the current one trains, so the fixed
     latency of a Ray Data pipeline (seconds) is hidden once an epoch outlasts it. The epoch
     is materialised in the object store (spilled to disk when large). `split(equal=True)`
-    drops at most world-1 rows so that every rank gets the same number of steps.
+    drops at most world-1 rows so that every rank gets the same number of steps; with
+    pairs, each rank gets the same even number of rows and at most world-1 pairs drop.
     """
 
     def __init__(self, store_root: str, rounds: Sequence[int] | None,
@@ -125,10 +130,13 @@ class EpochPlanner:
                 raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
                                  f"{sorted({s.round for s in self.shards})}: DPO needs prompts "
                                  "with both a correct and an incorrect response")
-            # An equal split cuts at multiples of count // world (contiguous ranges), so a
-            # count that is a multiple of 2 * world keeps every pair within one rank.
-            ds = ds.limit(ds.count() // (2 * self.world_size) * 2 * self.world_size)
-        splits = ds.split(self.world_size, equal=True)
+            # Contiguous ranges of an even length each: no pair is cut between ranks (and
+            # an even micro_batch_size keeps them whole within a rank's batches).
+            per_rank = ds.count() // (2 * self.world_size) * 2
+            splits = ds.split_at_indices([per_rank * r for r in range(1, self.world_size + 1)])
+            splits = splits[:self.world_size]
+        else:
+            splits = ds.split(self.world_size, equal=True)
         log.info("epoch %d: %d rows ordered and split %d ways in %.1fs", epoch, ds.count(),
                  self.world_size, time.perf_counter() - start)
         return splits
