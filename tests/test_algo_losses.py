@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tabular import random_tree, sample_dataset
 
 from dqo_ray.algo import dpo_loss, dqo_loss, dro_loss, lambda_returns, rft_loss, token_logprobs
+from dqo_ray.algo.dqo import explained_variance
 from dqo_ray.config import AlgoConfig
 
 MODES = ["none", "truncated", "sequence"]
@@ -162,6 +163,22 @@ def test_loss_is_zero_at_the_soft_optimum(off_policy, lam):
                    v_star[idx], data["reward"], data["mask"],
                    AlgoConfig(beta=0.5, lam=lam, off_policy=off_policy))
     assert out.loss.item() < 1e-20
+    # At the optimum V_phi is its own target: the value explains all of the return's variance.
+    assert out.metrics["value_explained_var"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_explained_variance_over_valid_tokens_only():
+    gen = torch.Generator().manual_seed(3)
+    target, prediction = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    t, p = target[mask].double(), prediction[mask].double()
+    expected = 1 - (t - p).var(unbiased=False) / t.var(unbiased=False)
+    assert explained_variance(prediction, target, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Padding may hold anything; a constant prediction explains nothing; the target, everything.
+    garbage = torch.where(mask, prediction, torch.full_like(prediction, 1e6))
+    assert explained_variance(garbage, target, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert explained_variance(torch.full_like(target, 0.3), target, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(target, target, mask).item() == pytest.approx(1.0)
 
 
 def test_token_logprobs_equals_log_softmax_reference():

@@ -47,6 +47,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduction: str = "token") -
     return row_means.mean() if row_means.numel() else x.sum() * 0
 
 
+def explained_variance(prediction: torch.Tensor, target: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - prediction) / Var(target) over the valid tokens of [B, T] tensors.
+
+    1 = the value predicts its target exactly, 0 = no better than the batch mean, < 0 = worse.
+    A DQO run whose value model stays near 0 here pushes every token of a trajectory by
+    (R - constant), a high-variance policy gradient, so this is the first number to read.
+    """
+    maskf = mask.to(target.dtype)
+    n = maskf.sum().clamp(min=1)
+
+    def variance(x: torch.Tensor) -> torch.Tensor:
+        mean = (x * maskf).sum() / n
+        return ((x - mean).square() * maskf).sum() / n
+
+    return 1 - variance(target - prediction) / variance(target).clamp(min=1e-8)
+
+
 def dqo_loss(
     policy_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -110,6 +128,7 @@ def dqo_loss(
             value_loss=value_loss.detach(),
             residual_abs=masked_mean(policy_residual.detach().abs(), mask),
             value_mean=masked_mean(values_sg, mask),
+            value_explained_var=explained_variance(values_sg, v_target, mask),
             q_target_mean=masked_mean(q_target, mask),
             # KL(pi_theta || pi_ref) estimators on the data's tokens (exact in expectation only
             # when the data are on-policy): k1 = l, k3 = exp(-l) - 1 + l >= 0.
