@@ -55,12 +55,8 @@ def explained_variance(prediction: torch.Tensor, target: torch.Tensor,
     A DQO run whose value model stays near 0 here pushes every token of a trajectory by
     (R - constant), a high-variance policy gradient, so this is the first number to read.
     """
-    maskf = mask.to(target.dtype)
-    n = maskf.sum().clamp(min=1)
-
     def variance(x: torch.Tensor) -> torch.Tensor:
-        mean = (x * maskf).sum() / n
-        return ((x - mean).square() * maskf).sum() / n
+        return masked_mean((x - masked_mean(x, mask)).square(), mask)
 
     return 1 - variance(target - prediction) / variance(target).clamp(min=1e-8)
 
