@@ -141,6 +141,11 @@ class TrainerConfig:
     value_lr: float = field(default=1e-5, metadata=_range(gt=0))
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = field(default=0, metadata=_range(ge=0))
+    value_warmup_steps: int = field(default=0, metadata=_range(ge=0))
+    """Global steps at the start of each training run that update only the value model (the
+    policy is frozen, its lr schedule starts after them), so the policy's first steps see a
+    fitted baseline rather than a zero head; as OpenRLHF's freezing_actor_steps for PPO.
+    Ignored by rft and dpo, which have no value model."""
     weight_decay: float = field(default=0.0, metadata=_range(ge=0))
     micro_batch_size: int = field(default=8, metadata=_range(ge=1))
     grad_accum_steps: int = field(default=1, metadata=_range(ge=1))
@@ -156,10 +161,14 @@ class TrainerConfig:
     """Record the epoch positions each rank trained on per step (run_dir/ledger; audits)."""
 
     def check(self) -> list[str]:
+        errors = []
         if self.warmup_steps >= self.max_steps:
-            return [f"trainer.warmup_steps: {self.warmup_steps} must be < trainer.max_steps "
-                    f"({self.max_steps})"]
-        return []
+            errors.append(f"trainer.warmup_steps: {self.warmup_steps} must be < "
+                          f"trainer.max_steps ({self.max_steps})")
+        if self.value_warmup_steps >= self.max_steps:
+            errors.append(f"trainer.value_warmup_steps: {self.value_warmup_steps} must be < "
+                          f"trainer.max_steps ({self.max_steps}), or the policy never trains")
+        return errors
 
 
 @dataclass

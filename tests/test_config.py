@@ -51,6 +51,8 @@ def test_defaults_are_valid_and_match_the_algorithm_doc():
     ({"trainr": {}}, "trainr: unknown key (did you mean 'trainer'?)"),
     ({"trainer": {"warmup_steps": 10, "max_steps": 10}},
      "trainer.warmup_steps: 10 must be < trainer.max_steps (10)"),
+    ({"trainer": {"value_warmup_steps": 12, "max_steps": 10}},
+     "trainer.value_warmup_steps: 12 must be < trainer.max_steps (10), or the policy never"),
     ({"model": {"tiny_hidden_size": 30, "tiny_heads": 4}},
      "model.tiny_hidden_size: 30 is not divisible by model.tiny_heads (4)"),
     ({"model": {"tiny_hidden_size": 64, "tiny_heads": 4}},

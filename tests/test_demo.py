@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from dqo_ray.config import load_config, to_dict
 from dqo_ray.evaluation.compare import comparison_rows, comparison_table, write_comparison
+from dqo_ray.run_state import RunState
 from jobs import pipeline
 
 REDUCED = [
@@ -23,15 +25,13 @@ REDUCED = [
 
 @pytest.mark.ray
 def test_reduced_demo_end_to_end(ray_address, tmp_path, capsys):
-    def run(name: str) -> dict:
-        args = ["--config", "configs/demo.yaml", *(a for o in REDUCED for a in ("--set", o)),
-                "--set", f"run.output_dir={tmp_path}", "--set", f"run.name={name}",
-                "--set", f"data.store={tmp_path}/{name}/store",
-                "--set", f"ray.address={ray_address}"]
-        assert pipeline.main(args) == 0
-        return json.loads((tmp_path / name / "pipeline_state.json").read_text())["stages"]
+    def overrides(name: str) -> list[str]:
+        return [*REDUCED, f"run.output_dir={tmp_path}", f"run.name={name}",
+                f"data.store={tmp_path}/{name}/store", f"ray.address={ray_address}"]
 
-    stages = run("demo")
+    args = ["--config", "configs/demo.yaml", *(a for o in overrides("demo") for a in ("--set", o))]
+    assert pipeline.main(args) == 0
+    stages = json.loads((tmp_path / "demo" / "pipeline_state.json").read_text())["stages"]
     run_dir = tmp_path / "demo"
     warm = stages["start/warm"]["result"]
     assert warm["examples"] == 40 and warm["steps"] == 20 and not warm["cached"]
@@ -53,9 +53,13 @@ def test_reduced_demo_end_to_end(ray_address, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| start | 0 |" in printed and "| round 0 | 3 |" in printed
 
-    # A second demo run (another name, same inputs) reuses the cached warm start.
-    again = run("demo-again")["start/warm"]["result"]
-    assert again["cached"] and again["policy"] == warm["policy"]
+    # A second demo run (another name, same inputs) starts from the cached warm start: its
+    # start stage (tiny model built again, then the warm start) trains nothing.
+    cfg = load_config("configs/demo.yaml", overrides("demo-again"))
+    state = RunState(cfg.run.run_dir, to_dict(cfg))
+    assert pipeline.Pipeline(cfg, state).start_policy() == warm["policy"]
+    again = state.finished("start/warm")
+    assert again["cached"] and again["final_loss"] == warm["final_loss"]
 
 
 def test_comparison_table_and_plot(tmp_path):

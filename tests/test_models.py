@@ -4,12 +4,14 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from dqo_ray.config import ConfigError
 from dqo_ray.models import (
     ValueModel,
     build_word_tokenizer,
     load_policy,
     load_tokenizer,
     load_value,
+    resolve_checkpoint,
     tiny_llama,
 )
 
@@ -85,3 +87,15 @@ def test_value_model_gradient_checkpointing_matches(tiny_checkpoint):
     value(ids).sum().backward()
     for g, p in zip(plain, value.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_resolve_checkpoint_is_absolute_and_names_the_key(tiny_checkpoint, tmp_path,
+                                                          monkeypatch):
+    # Relative to the driver's folder in, absolute out: Ray Train workers run elsewhere.
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    resolved = resolve_checkpoint(tiny_checkpoint.name, tmp_path, "model.policy")
+    assert resolved == str(tiny_checkpoint.absolute())
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(resolved, tmp_path, "model.policy") == resolved
+    with pytest.raises(ConfigError, match=r"model.value: 'nope' -> nope is not an HF checkpoint"):
+        resolve_checkpoint("nope", tmp_path, "model.value")

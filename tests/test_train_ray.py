@@ -21,7 +21,7 @@ import torch
 import yaml
 from conftest import REPO, write_toy_store
 
-from dqo_ray.data.pipeline import score_reference
+from dqo_ray.data.pipeline import EpochPlanner, score_reference
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import ValueModel, load_policy, load_tokenizer
 from jobs import train as train_job
@@ -56,6 +56,18 @@ def job_config(tmp_path: Path, store_root: Path, checkpoint: Path, **trainer) ->
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (its snapshot under run_dir/train)."""
+    snapshot = run_dir / "train" / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except json.JSONDecodeError:  # caught mid-write
+        return []
+    return [int(r["checkpoint_dir_name"].split("-")[1]) for r in results]
 
 
 def final_history(ledger: Path) -> dict[int, dict[int, dict]]:
@@ -104,6 +116,15 @@ def test_reference_stage_equals_direct_forward(scored_store, tiny_checkpoint):
             assert row["behaviour_logprobs"] == row["ref_logprobs"]
     pad = load_tokenizer(tiny_checkpoint).pad_token_id
     assert score_reference(store, str(tiny_checkpoint), pad) == 0  # idempotent
+
+
+def test_planner_prefetches_only_epochs_the_run_reaches(scored_store):
+    # 384 rows an epoch; a run of 385 rows needs epoch 1 but not epoch 2.
+    planner = EpochPlanner(str(scored_store), None, {}, seed=0, world_size=2, run_rows=385)
+    assert planner.split(0, 0).count() == 192
+    assert planner.planned_epochs() == [0, 1]  # epoch 1 built while epoch 0 trains
+    assert planner.split(1, 1).count() == 192
+    assert planner.planned_epochs() == [0, 1]  # no epoch 2: the run ends within epoch 1
 
 
 def sequence_logprob_gap(model, rows) -> float:
@@ -218,23 +239,27 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
 
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path, scored_store, tiny_checkpoint,
                                                     ray_address):
-    cfg = job_config(tmp_path, scored_store, tiny_checkpoint, max_steps=10, checkpoint_every=2)
+    cfg = job_config(tmp_path, scored_store, tiny_checkpoint, max_steps=16, checkpoint_every=2)
     run_dir, pid_file = tmp_path / "runs" / "t", tmp_path / "rank1.pid"
     proc = run_job(cfg, ray_address, "--kill-rank1-pid-file", str(pid_file))
     metrics = run_dir / "train_metrics.jsonl"
-    wait_for(lambda: pid_file.exists() and any(m["step"] >= 3 for m in read_jsonl(metrics)),
-             proc)
+    # Kill once Ray has committed a checkpoint: a reported one is registered by the
+    # controller's next poll, and a worker dying before that poll loses it.
+    wait_for(lambda: pid_file.exists() and committed_steps(run_dir)
+             and any(m["step"] >= 3 for m in read_jsonl(metrics)), proc)
+    committed_at_kill = max(committed_steps(run_dir))
     os.kill(int(pid_file.read_text()), signal.SIGKILL)  # a real worker process dies
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     history = read_jsonl(metrics)
     steps = [m["step"] for m in history]
-    assert steps[-1] == 10 and steps.count(1) == 1, steps
-    # after the kill the group restarted from the last checkpoint, not from step 0
+    assert steps[-1] == 16 and steps.count(1) == 1, steps
+    # after the kill the group restarted from the newest committed checkpoint, not step 0
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    last_checkpoint = max(m["step"] for m in history[:restart] if m["checkpoint"])
-    assert steps[restart] == last_checkpoint + 1, steps
-    assert_exact_epoch_accounting(run_dir / "ledger", 10)
+    resumed = history[restart]["resumed_from"]
+    assert resumed in {m["step"] for m in history[:restart] if m["checkpoint"]}, steps
+    assert resumed >= committed_at_kill >= 2 and steps[restart] == resumed + 1, steps
+    assert_exact_epoch_accounting(run_dir / "ledger", 16)
 
 
 def test_restarted_job_continues_from_last_checkpoint(tmp_path, scored_store, tiny_checkpoint,

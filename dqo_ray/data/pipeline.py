@@ -106,17 +106,19 @@ class EpochPlanner:
     is materialised in the object store (spilled to disk when large). `split(equal=True)`
     drops at most world-1 rows so that every rank gets the same number of steps; with
     pairs, each rank gets the same even number of rows and at most world-1 pairs drop.
+    `run_rows` (rows the run consumes in all) stops the prefetch past the last epoch the run
+    reaches, estimated from the current epoch's size: a wrong guess costs latency only.
     """
 
     def __init__(self, store_root: str, rounds: Sequence[int] | None,
                  weights: Mapping[int, float], seed: int, world_size: int,
-                 pairs: bool = False) -> None:
+                 pairs: bool = False, run_rows: int | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = TrajectoryStore(store_root)
         self.shards = self.store.shards(rounds)
         self.weights, self.seed, self.world_size = dict(weights), seed, world_size
-        self.pairs = pairs
+        self.pairs, self.run_rows = pairs, run_rows
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-planner")
         self._builds: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -149,18 +151,30 @@ class EpochPlanner:
                 del self._builds[old]  # ranks move in lockstep; a restart rebuilds (same order)
             return self._builds[epoch]
 
+    def prefetch(self, epoch: int) -> None:
+        """Starts building `epoch` now (e.g. while the training workers start up)."""
+        self._future(epoch)
+
+    def planned_epochs(self) -> list[int]:
+        """Epochs built or being built (the current one and at most the next)."""
+        with self._lock:
+            return sorted(self._builds)
+
     def split(self, epoch: int, rank: int) -> Any:
         """Rank `rank`'s part of epoch `epoch` (a materialised Dataset); prefetches epoch+1."""
         splits = self._future(epoch).result()
-        self._future(epoch + 1)
+        epoch_rows = sum(s.count() for s in splits)
+        if self.run_rows is None or (epoch + 1) * epoch_rows < self.run_rows:
+            self._future(epoch + 1)
         return splits[rank]
 
 
 def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mapping[int, float],
-                  seed: int, world_size: int, pairs: bool = False) -> Any:
+                  seed: int, world_size: int, pairs: bool = False,
+                  run_rows: int | None = None) -> Any:
     """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs)."""
     remote_cls = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlanner)
-    return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs)
+    return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs, run_rows)
 
 
 def split_step_batches(split: ray.data.Dataset, micro_batch: int, grad_accum: int,

@@ -44,8 +44,10 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def resolve_checkpoint(name: str, run_dir: str | os.PathLike, key: str) -> str:
-    """A checkpoint folder named in the config; "tiny" means the run folder's base checkpoint
-    (written by the demo / pipeline jobs). Raises ConfigError naming `key` otherwise."""
+    """A checkpoint folder named in the config, made absolute (Ray Train workers run in their
+    own folder, so a path relative to the driver's would not load there); "tiny" means the run
+    folder's base checkpoint (written by the demo / pipeline jobs). Raises ConfigError naming
+    `key` when the folder is not an HF checkpoint."""
     from dqo_ray.config import ConfigError
 
     path = Path(run_dir) / "base" if name == "tiny" else Path(name)
@@ -53,4 +55,4 @@ def resolve_checkpoint(name: str, run_dir: str | os.PathLike, key: str) -> str:
         hint = (" (model.policy=tiny uses run_dir/base, written by the demo or pipeline job)"
                 if name == "tiny" else "")
         raise ConfigError([f"{key}: {name!r} -> {path} is not an HF checkpoint folder{hint}"])
-    return str(path)
+    return str(path.absolute())

@@ -144,7 +144,9 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                 break
             wait_total += time.perf_counter() - wait_start
             progressed = True
-            step_metrics, tokens = _train_step(engines, micro_batches, acfg, io.device)
+            train_policy = "value" not in engines or state.step >= tcfg.value_warmup_steps
+            step_metrics, tokens = _train_step(engines, micro_batches, acfg, io.device,
+                                               train_policy)
             if io.ledger is not None:
                 record = {"step": state.step + 1, "epoch": state.epoch}
                 for key in ("positions", "order_key"):
@@ -197,18 +199,22 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
 
 
 def _train_step(engines: dict[str, TrainEngine], micro_batches: list[Batch], acfg: AlgoConfig,
-                device: torch.device) -> tuple[dict[str, float], int]:
-    """One optimizer step over grad_accum micro-batches; returns (mean metrics, tokens)."""
+                device: torch.device, train_policy: bool) -> tuple[dict[str, float], int]:
+    """One optimizer step over grad_accum micro-batches; returns (mean metrics, tokens).
+    train_policy=False (value warm-up) leaves the policy engine untouched: no backward and no
+    step, so neither its weights nor its optimizer/schedule state move."""
     metrics: dict[str, float] = {}
     tokens = 0
+    training = {name: e for name, e in engines.items() if name != "policy" or train_policy}
     for micro in micro_batches:
         batch = {k: v.to(device) for k, v in micro.items()}
         out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg)
         # The two losses reach disjoint parameters, so each engine backpropagates its own.
-        engines["policy"].backward(out.policy_loss)
+        if train_policy:
+            engines["policy"].backward(out.policy_loss)
         if "value" in engines and out.value_loss is not None:
             engines["value"].backward(out.value_loss)
-        for engine in engines.values():
+        for engine in training.values():
             engine.step()  # updates only at the accumulation boundary
         tokens += int(batch["response_mask"].sum())
         for k, v in out.metrics.items():

@@ -9,6 +9,8 @@ latest, so a restarted job continues from it instead of step 0.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -25,10 +27,10 @@ from ray.train.torch import TorchTrainer
 from dqo_ray.config import Config, from_dict, to_dict
 from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.data.store import TrajectoryStore
-from dqo_ray.models import load_tokenizer
+from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import WORKER_ENV, init_ray, record_placement
 from dqo_ray.tracking import MetricsLogger
-from dqo_ray.train.loop import WorkerIO, run_training
+from dqo_ray.train.loop import STATE_FILE, WorkerIO, run_training
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,12 @@ def _worker_main(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], folder: Path | None) -> None:
         if folder is None:
-            ray.train.report(metrics)
+            # Metrics-only steps stay local (rank 0's MetricsLogger has them): a Ray Train
+            # report is a barrier through the controller, ~1.5 s each (benchmarks/RESULTS.md).
             return
         # A deterministic name (checkpoint-<step>) lets the evaluator find each checkpoint
-        # from the metrics file, which rank 0 writes only after Ray has committed it.
+        # from the metrics file, which rank 0 writes only after this report has persisted it
+        # (Ray makes it the resume point at its controller's next poll, about a second later).
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=folder.name)
 
@@ -81,6 +85,12 @@ def _worker_main(config: dict[str, Any]) -> None:
         log_metrics=logger.log if logger else None))
     if logger is not None:
         logger.close()
+
+
+def _resume_epoch(run_dir: Path) -> int:
+    """The epoch a (re)started run begins in: that of its newest checkpoint, else 0."""
+    states = sorted((run_dir / "train").glob(f"checkpoint-*/{STATE_FILE}"))
+    return json.loads(states[-1].read_text())["epoch"] if states else 0
 
 
 def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
@@ -99,6 +109,10 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     if missing:
         raise ValueError(f"shards {missing[:5]} lack ref_logprobs: run the reference stage")
     run_dir = Path(run_dir or cfg.run.run_dir).absolute()
+    policy_path = str(Path(policy_path).absolute())  # workers run in their own folder
+    if cfg.model.value is not None:
+        value = resolve_checkpoint(cfg.model.value, run_dir, "model.value")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value=value))
     ledger = None
     if cfg.trainer.ledger:
         ledger = run_dir / "ledger"
@@ -107,7 +121,10 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     weights = {int(k): v for k, v in cfg.data.round_weights.items()}
     planner = planner_actor(cfg.data.store, cfg.data.rounds or None, weights,
                             cfg.data.shuffle_seed, tcfg.num_workers,
-                            pairs=cfg.algo.name == "dpo")
+                            pairs=cfg.algo.name == "dpo",
+                            run_rows=tcfg.max_steps * tcfg.micro_batch_size
+                            * tcfg.grad_accum_steps * tcfg.num_workers)
+    planner.prefetch.remote(_resume_epoch(run_dir))  # overlaps the worker group's start-up
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={"config": to_dict(cfg), "policy_path": str(policy_path),
