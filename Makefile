@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest -m "not slow" --durations=15 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow tests

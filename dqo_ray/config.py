@@ -173,8 +173,9 @@ class TrainerConfig:
 
 @dataclass
 class DataConfig:
-    store: str = "runs/store"
-    """Trajectory store root (local path or pyarrow filesystem URI)."""
+    store: str | None = None
+    """Trajectory store root (local path or pyarrow filesystem URI). Unset: the run folder's
+    `store` (run.output_dir/run.name/store), so two runs share data only when told to."""
     rounds: list[int] = field(default_factory=list)
     """Rounds to train on; empty = every round in the store."""
     round_weights: dict[str, float] = field(default_factory=dict)
@@ -341,6 +342,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+
+    @property
+    def store(self) -> str:
+        """The trajectory store root: data.store, else the run folder's `store`."""
+        return self.data.store or f"{self.run.run_dir}/store"
 
     def check(self) -> list[str]:
         problems = []

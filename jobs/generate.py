@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.ray)
     pool = GeneratorPool(cfg, checkpoint)
     summary = pool.generate(items, args.round, args.policy_version if args.policy_version
-                            is not None else args.round, TrajectoryStore(cfg.data.store))
+                            is not None else args.round, TrajectoryStore(cfg.store))
     pool.shutdown()
     print(f"round {args.round}: {summary}")
     return 0

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot load the tokenizer {tokenizer_path!r}: {exc}", file=sys.stderr)
         return 2
-    store = TrajectoryStore(cfg.data.store)
+    store = TrajectoryStore(cfg.store)
     try:
         report = ingest_file(args.input, store, tokenizer, round=args.round,
                              dataset=args.dataset, strict=args.strict,

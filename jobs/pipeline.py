@@ -58,7 +58,7 @@ class Pipeline:
     def __init__(self, cfg: Config, state: RunState) -> None:
         self.cfg, self.state = cfg, state
         self.run_dir = Path(cfg.run.run_dir).absolute()
-        self.store = TrajectoryStore(cfg.data.store)
+        self.store = TrajectoryStore(cfg.store)
         self.pool: GeneratorPool | None = None
         self.evaluations: dict[str, Any] = {}  # stage -> ObjectRef of the evaluator's work
         self.overlap_notes: list[str] = []

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("resolved config: %s", save_resolved(cfg, cfg.run.run_dir))
     init_ray(cfg.ray)
-    store = TrajectoryStore(cfg.data.store)
+    store = TrajectoryStore(cfg.store)
     pad_id = load_tokenizer(policy).pad_token_id
     score_reference(store, reference, pad_id, cfg.data.rounds or None, cfg.data.ref_actors,
                     cfg.data.ref_batch_size, cfg.trainer.use_gpu)

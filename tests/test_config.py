@@ -133,3 +133,10 @@ def test_command_line_arguments(tmp_path):
                               "--set", "trainer.zero_stage=2"])
     cfg = config_from_args(args)
     assert (cfg.algo.beta, cfg.algo.lam, cfg.trainer.zero_stage) == (0.2, 0.5, 2)
+
+
+def test_store_defaults_to_the_run_folder():
+    assert load_config(None, ["run.output_dir=/x", "run.name=a"]).store == "/x/a/store"
+    assert load_config(None, ["data.store=s3://b/s"]).store == "s3://b/s"
+    # Two demo runs under different names never read each other's samples.
+    assert load_config("configs/demo.yaml", ["run.name=demo2"]).store == "runs/demo2/store"

@@ -100,10 +100,10 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     Checkpoints, metrics and the placement record go to `run_dir` (default cfg.run.run_dir);
     re-running with the same run_dir resumes from its last committed checkpoint."""
     init_ray(cfg.ray)
-    store = TrajectoryStore(cfg.data.store)
+    store = TrajectoryStore(cfg.store)
     shards = store.shards(cfg.data.rounds or None)
     if not shards:
-        raise ValueError(f"data.store {cfg.data.store!r} has no shards for rounds "
+        raise ValueError(f"store {cfg.store!r} has no shards for rounds "
                          f"{cfg.data.rounds or 'all'}")
     missing = [s.name for s in shards if not s.has_ref_logprobs]
     if missing:
@@ -119,7 +119,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
         ledger.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.trainer
     weights = {int(k): v for k, v in cfg.data.round_weights.items()}
-    planner = planner_actor(cfg.data.store, cfg.data.rounds or None, weights,
+    planner = planner_actor(cfg.store, cfg.data.rounds or None, weights,
                             cfg.data.shuffle_seed, tcfg.num_workers,
                             pairs=cfg.algo.name == "dpo",
                             run_rows=tcfg.max_steps * tcfg.micro_batch_size
