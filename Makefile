@@ -11,7 +11,7 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: env demo demo-compare test test-slow lint clean
+.PHONY: env demo demo-compare learning test test-slow lint clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 demo-compare: $(STAMP)
 	$(PY) -m jobs.compare --config configs/demo-compare.yaml $(DEMO_ARGS)
+
+# Does DQO teach the model? DQO vs RFT vs the gold control, 3 seeds, paired intervals
+# (benchmarks/learning.py; hours on 2 cores, resumable). LEARNING_ARGS="--seeds 0" for one.
+learning: $(STAMP)
+	$(PY) benchmarks/learning.py $(LEARNING_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

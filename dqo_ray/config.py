@@ -127,6 +127,12 @@ class AlgoConfig:
     reward_correct: float = 1.0
     reward_incorrect: float = 0.0
     dpo_beta: float = field(default=0.1, metadata=_range(gt=0))
+    kl_coef: float = field(default=0.0, metadata=_range(ge=0))
+    """dqo: alpha * KL(pi_theta(.|s_h) || pi_ref(.|s_h)) over the whole vocabulary, per
+    response token, added to the policy loss (OREO, arXiv 2412.16145: "to stabilise
+    training", 0.01 there). The KL inside DQO's objective constrains only sampled tokens;
+    this term also holds the mass a step would move to tokens nobody sampled. Costs a
+    reference forward in every step (pi_ref is loaded beside the policy)."""
 
 
 @dataclass
@@ -180,6 +186,12 @@ class DataConfig:
     """Rounds to train on; empty = every round in the store."""
     round_weights: dict[str, float] = field(default_factory=dict)
     """Mixing weight per round (key = round number); missing rounds weigh 1."""
+    prompt_groups: Literal["all", "balanced"] = "all"
+    """Which rows of each prompt train dqo and dro (rft keeps its correct rows, dpo forms
+    pairs): all, or
+    balanced = for a prompt with c correct and i incorrect samples, min(c, i) of each, so
+    prompts whose samples all agree drop out (`dqo_ray.data.groups.balanced_groups`; OREO
+    keeps at most 4 + 4 per question, DAPO drops groups that all agree)."""
     max_prompt_tokens: int = field(default=512, metadata=_range(ge=1))
     max_response_tokens: int = field(default=512, metadata=_range(ge=1))
     shuffle_seed: int = 0
@@ -283,6 +295,10 @@ class WarmStartConfig:
     lr: float = field(default=3e-3, metadata=_range(gt=0))
     warmup_steps: int = field(default=50, metadata=_range(ge=0))
     threads: int = field(default=2, metadata=_range(ge=1))
+    flip_subtractions: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    """tinymath only: the share of subtraction steps the gold solutions write as additions
+    (`tasks.tinymath.flip_subtractions`), a documented annotation flaw that outcome rewards
+    can correct and more supervised training on the same set cannot."""
 
 
 @dataclass
@@ -361,6 +377,9 @@ class Config:
             problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
                             "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "
                             "pairs)")
+        if self.pipeline.warm_start.flip_subtractions and self.task.name != "tinymath":
+            problems.append("pipeline.warm_start.flip_subtractions: only for task.name "
+                            f"'tinymath' (got {self.task.name!r})")
         return problems
 
 

@@ -35,20 +35,27 @@ def local_num_cpus(cfg: RayConfig) -> int:
     return cfg.num_cpus or max(4, os.cpu_count() or 1)
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig, engine_log: str | os.PathLike | None = None) -> None:
     """Joins ray.address, or the cluster of a `ray job submit` job (RAY_ADDRESS), or starts a
-    local instance."""
+    local instance. With `engine_log` (a file in the run folder, so on shared storage on a
+    cluster), engine chatter goes there and the console keeps the project's own lines
+    (`route_engine_logs`)."""
     import ray
 
     if ray.is_initialized():
         return
+    runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
+    if engine_log is not None:
+        route_engine_logs(engine_log)
+        runtime_env["env_vars"][ENGINE_LOG_ENV] = os.environ[ENGINE_LOG_ENV]
+        runtime_env["worker_process_setup_hook"] = "dqo_ray.runtime.worker_log_setup"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address is None:
         num_cpus = local_num_cpus(cfg)
         log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
         # address="local": never join another cluster running on this machine by accident
         # (ray.init's default would, through /tmp/ray/ray_current_cluster).
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": WORKER_ENV},
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env,
                  log_to_driver=True)
     else:
         # A submitted job has its own runtime env (cluster/runtime_env.yaml); ours only adds
@@ -56,7 +63,64 @@ def init_ray(cfg: RayConfig) -> None:
         # already carries the job's values where both name a variable.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address=address, runtime_env=runtime_env)
+
+
+# -- console vs engine log ---------------------------------------------------------------------
+
+ENGINE_LOG = "engines.log"
+"""The engine log's name in a run folder."""
+ENGINE_LOG_ENV = "DQO_ENGINE_LOG"
+OWN_LOGGERS = ("dqo_ray", "actors", "jobs")
+"""Loggers whose lines a person reads on the console (progress, results)."""
+ENGINE_LOGGERS = ("ray", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch")
+
+
+def route_engine_logs(path: str | os.PathLike) -> None:
+    """In this (driver) process: the engines' loggers write to `path` instead of the console
+    and progress bars are off. Ray workers do the same at start (`worker_log_setup`, via the
+    runtime env), so vLLM, Ray Train/Data and DeepSpeed chatter lands in the file."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("engine logs (vLLM, Ray, DeepSpeed): %s", path)
+    os.environ[ENGINE_LOG_ENV] = str(path)
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    import ray.data  # noqa: F401  (configures its logger on import: override it after)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    for name in ENGINE_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
+def worker_log_setup() -> None:
+    """Ray's worker_process_setup_hook: this worker's stdout and stderr (and so those of the
+    engine processes it starts, progress bars and warnings included) go to the engine log;
+    the project's own loggers keep Ray's worker log, which Ray forwards to the console."""
+    path = os.environ.get(ENGINE_LOG_ENV)
+    if not path:
+        return
+    try:  # a node that cannot write the run folder keeps its output on its console
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        log.warning("engine log %s not writable here (%s): output stays on the console",
+                    path, exc)
+        return
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    handler = logging.StreamHandler(console)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 PLACEMENT_FILE = "placement.jsonl"

@@ -29,7 +29,7 @@ from dqo_ray.evaluation import read_results
 from dqo_ray.evaluation.compare import write_comparison
 from dqo_ray.models import load_tokenizer
 from dqo_ray.run_state import RunState, StateError
-from dqo_ray.runtime import init_ray
+from dqo_ray.runtime import ENGINE_LOG, init_ray
 from dqo_ray.train.sft import supervised_finetune
 from dqo_ray.train.warm_start import cache_dir, warm_start_examples, warm_start_settings
 from jobs.pipeline import Pipeline
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
         began = time.perf_counter()
         out = compare(cfg)
     except (ConfigError, StateError) as exc:

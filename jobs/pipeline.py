@@ -46,7 +46,7 @@ from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.run_state import RunState, StateError
-from dqo_ray.runtime import init_ray, record_placement
+from dqo_ray.runtime import ENGINE_LOG, init_ray, record_placement
 from dqo_ray.tasks.items import load_items
 from dqo_ray.train.ray_trainer import train_on_store
 from dqo_ray.train.warm_start import warm_start
@@ -84,7 +84,7 @@ class Pipeline:
                 if (overlap and r + 1 < self.cfg.pipeline.rounds and trained is None
                         and not self.state.finished(f"round{r + 1}/data")):
                     sampling = background.submit(self.data, r + 1, policy, start)
-                trained = trained or self.train(r, policy, value, overlapping=sampling)
+                trained = trained or self.train(r, policy, value, start, overlapping=sampling)
                 policy, value = trained["policy"], trained["value"]
                 self.evaluate(r)
         self.finish()
@@ -147,23 +147,21 @@ class Pipeline:
         if self.state.finished(stage):
             return
         began = time.perf_counter()
-        reference = start
-        if self.cfg.model.reference:
-            reference = resolve_checkpoint(self.cfg.model.reference, self.run_dir,
-                                           "model.reference")
+        reference = self.reference_policy(start)
         rows = score_reference(self.store, reference, load_tokenizer(start).pad_token_id,
                                list(range(r + 1)), self.cfg.data.ref_actors,
                                self.cfg.data.ref_batch_size, self.cfg.trainer.use_gpu)
         self.state.finish(stage, time.perf_counter() - began, rows=rows, reference=reference)
 
-    def train(self, r: int, policy: str, value: str | None,
+    def train(self, r: int, policy: str, value: str | None, start: str,
               overlapping: concurrent.futures.Future | None) -> dict[str, Any]:
         cfg = self.cfg
         round_dir = self.run_dir / f"round{r}"
         # Round r continues round r-1's policy and value model; pi_ref stays the start policy.
         round_cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, rounds=list(range(r + 1))),
-            model=dataclasses.replace(cfg.model, value=value or cfg.model.value))
+            model=dataclasses.replace(cfg.model, value=value or cfg.model.value,
+                                      reference=self.reference_policy(start)))
         offset = r * cfg.trainer.max_steps
         # Waited for: the evaluator is a threaded actor, so calls are not run in order; the
         # watch must be in place before the stop_watching sent after training.
@@ -215,6 +213,12 @@ class Pipeline:
             for i, actor in enumerate(self.pool.actors):
                 record_placement(self.run_dir, "generator", i, ray.get(actor.where.remote()))
         return self.pool
+
+    def reference_policy(self, start: str) -> str:
+        """pi_ref: model.reference, else the start policy (the warm start when there is one)."""
+        if self.cfg.model.reference:
+            return resolve_checkpoint(self.cfg.model.reference, self.run_dir, "model.reference")
+        return start
 
     def policy_version(self, policy: str) -> int:
         """Training rounds behind `policy`: 0 for the start policy, r+1 after round r."""
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.attempt:
         log.info("resuming %s (start %d): finished stages %s", state.path, state.attempt,
                  ", ".join(state.stages) or "none")
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
     Pipeline(cfg, state).run()
     results = read_results(cfg.run.run_dir)
     print(round_table(results))

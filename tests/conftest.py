@@ -1,6 +1,7 @@
 """Shared test set-up: offline hubs, quiet progress bars, one thread per torch process."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,17 +66,20 @@ def ray_address():
 
 
 def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shard: int = 64,
-                    response_len: int = 6, seed: int = 0, paired: bool = False):
+                    response_len: int = 6, seed: int = 0, paired: bool = False,
+                    correct: Callable[[int, int], bool] | None = None):
     """A store of toy trajectories: chat-templated prompts, random responses ending in EOS,
     every other one rewarded (correct). behaviour_logprobs unknown (null), as for external data.
     paired=True: rows 2k and 2k+1 of a shard share one prompt (one correct, one not), so DPO
-    finds pairs; otherwise a prompt's rows are all correct or all incorrect."""
+    finds pairs; otherwise a prompt's rows are all correct or all incorrect.
+    `correct(shard, i)` replaces the every-other-row rule."""
     from dqo_ray.data.store import TrajectoryStore
     from dqo_ray.models import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
     store = TrajectoryStore(str(root))
     gen = torch.Generator().manual_seed(seed)
+    ok = correct or (lambda shard, i: i % 2 == 0)
     for shard in range(shards):
         rows = []
         for i in range(rows_per_shard):
@@ -88,7 +92,7 @@ def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shar
                 traj_id=f"s{shard}-{i}", prompt_id=f"p{k}", round=0, policy_version=0,
                 dataset="toy", prompt=prompt, response=tok.decode(response),
                 prompt_ids=tok(prompt)["input_ids"], response_ids=response,
-                behaviour_logprobs=None, reward=float(i % 2 == 0), correct=i % 2 == 0,
+                behaviour_logprobs=None, reward=float(ok(shard, i)), correct=ok(shard, i),
                 finish_reason="stop", step_ends=None, step_rewards=None, ref_logprobs=None))
         store.write_shard(rows, round=0)
     return store

@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 from tabular import random_tree, sample_dataset
 
-from dqo_ray.algo import dpo_loss, dqo_loss, dro_loss, lambda_returns, rft_loss, token_logprobs
+from dqo_ray.algo import (
+    dpo_loss,
+    dqo_loss,
+    dro_loss,
+    entropy,
+    full_kl,
+    lambda_returns,
+    rft_loss,
+    token_logprobs,
+)
 from dqo_ray.algo.dqo import explained_variance
 from dqo_ray.config import AlgoConfig
 
@@ -240,3 +249,32 @@ def test_loss_parts_sum_to_total_and_route_separately():
     assert out.loss.item() == pytest.approx((out.policy_loss + out.value_loss).item())
     assert all(torch.count_nonzero(g) == 0 for g in grads(value, out.policy_loss))
     assert all(torch.count_nonzero(g) == 0 for g in grads(policy, out.value_loss))
+
+
+def test_full_kl_and_entropy_match_torch_distributions():
+    gen = torch.Generator().manual_seed(3)
+    logits, ref = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 7, generator=gen)
+    p, q = torch.distributions.Categorical(logits=logits), torch.distributions.Categorical(logits=ref)
+    torch.testing.assert_close(full_kl(logits, ref), torch.distributions.kl_divergence(p, q))
+    torch.testing.assert_close(entropy(logits), p.entropy())
+    torch.testing.assert_close(full_kl(ref, ref), torch.zeros(2, 3), atol=1e-6, rtol=0)
+
+
+def test_kl_term_adds_coef_times_mean_kl_to_the_policy_loss_only():
+    feats, tokens, mask, policy, value, ref_lp, behaviour_lp, rewards = batch()
+    ref_head = torch.nn.Linear(feats.shape[-1], 5)
+    cfg = AlgoConfig(beta=0.3, off_policy="none", kl_coef=0.25)
+    logits = policy(feats)
+    kl = full_kl(logits, ref_head(feats).detach()) * mask
+    args = (token_logprobs(logits, tokens), ref_lp, behaviour_lp, value(feats).squeeze(-1),
+            rewards, mask, cfg)
+    plain, with_kl = dqo_loss(*args), dqo_loss(*args, full_kl=kl)
+    expected_kl = (kl * mask).sum() / mask.sum()
+    torch.testing.assert_close(with_kl.metrics["kl_full"], expected_kl.detach())
+    torch.testing.assert_close(with_kl.policy_loss, plain.policy_loss + 0.25 * expected_kl)
+    torch.testing.assert_close(with_kl.value_loss, plain.value_loss)
+    # The term's gradient reaches the policy head and is the KL's own gradient.
+    (grad_kl,) = torch.autograd.grad(with_kl.policy_loss - plain.policy_loss, policy.weight,
+                                     retain_graph=True)
+    (grad_ref,) = torch.autograd.grad(0.25 * expected_kl, policy.weight)
+    torch.testing.assert_close(grad_kl, grad_ref)

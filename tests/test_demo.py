@@ -1,13 +1,23 @@
 """The demo's path, reduced: tinymath, a small warm start, one DQO round, in-process driver on
 the shared Ray instance. Asserts the artefacts and that accuracy is measured (not that it
-improved: that is benchmarks/demo_seeds.py's job). Plus the comparison table (pure)."""
+improved: that is benchmarks/learning.py's job). Plus the comparison table and the paired
+gains the benchmark reports (pure)."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 
 from dqo_ray.config import load_config, to_dict
-from dqo_ray.evaluation.compare import comparison_rows, comparison_table, write_comparison
+from dqo_ray.evaluation.compare import (
+    comparison_rows,
+    comparison_table,
+    gain_differences,
+    paired_gain,
+    problem_scores,
+    write_comparison,
+)
 from dqo_ray.run_state import RunState
 from jobs import pipeline
 
@@ -20,7 +30,9 @@ REDUCED = [
     "pipeline.rounds=1", "pipeline.warm_start.problems=40", "pipeline.warm_start.steps=20",
     "pipeline.warm_start.batch_size=8", "pipeline.warm_start.warmup_steps=2",
     "pipeline.warm_start.threads=1", "run.tensorboard=false",
+    "algo.kl_coef=0.1",  # the full-vocabulary KL: a reference forward in the Ray Train step
 ]
+DIAGNOSTICS = ("value_explained_var", "entropy", "kl_full", "kl_k3", "mixed_prompt_frac")
 
 
 @pytest.mark.ray
@@ -47,6 +59,12 @@ def test_reduced_demo_end_to_end(ray_address, tmp_path, capsys):
         assert 0.0 <= row["greedy_acc"] <= 1.0 and 0.0 <= row["sample_acc"] <= 1.0
     predictions = (run_dir / "predictions" / "tinymath-step0000003.jsonl").read_text()
     assert len(predictions.splitlines()) == 12
+    metrics = [json.loads(line) for line in
+               (run_dir / "round0" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3]  # log_every 10: the checkpoint step only
+    for m in metrics:  # what tells a user whether DQO learns, logged and finite
+        assert all(math.isfinite(m[key]) for key in DIAGNOSTICS), m
+        assert 0 <= m["mixed_prompt_frac"] <= 1 and m["kl_full"] >= 0 and m["entropy"] > 0
     report = (run_dir / "report.md").read_text()
     assert "## Rounds" in report and "| start | 0 |" in report and "| round 0 | 3 |" in report
     assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
@@ -75,3 +93,32 @@ def test_comparison_table_and_plot(tmp_path):
     assert table[3].startswith("| gold control | tinymath | 10 | 30.0 | 30.0 | +0.0 |")
     md, png = write_comparison(tmp_path, runs, title="t")
     assert "| dqo |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_problem_scores_and_paired_gains(tmp_path):
+    def predictions(run: str, step: int, greedy: list[bool], samples: list[list[bool]]) -> Path:
+        folder = tmp_path / run / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"tinymath-step{step:07d}.jsonl", "w") as f:
+            for i, (g, s) in enumerate(zip(greedy, samples, strict=True)):
+                f.write(json.dumps({"problem_id": f"p{i}", "gold": "1", "greedy": "",
+                                    "correct": g, "samples_correct": s}) + "\n")
+        return tmp_path / run
+
+    run = predictions("a", 0, [False, True, False], [[False, False], [True, False], [False] * 2])
+    predictions("a", 60, [True, True, False], [[True, False], [True, True], [False, False]])
+    start, final = problem_scores(run, "tinymath", 0), problem_scores(run, "tinymath")
+    assert start == {"p0": (0.0, 0.0), "p1": (1.0, 0.5), "p2": (0.0, 0.0)}
+    assert final["p0"] == (1.0, 0.5)  # the last step by default
+    assert gain_differences([(start, final)], 0) == [1.0, 0.0, 0.0]
+    assert gain_differences([(start, final)], 1) == [0.5, 0.5, 0.0]
+    assert gain_differences([(start, final), (final, final)], 0) == [0.5, 0.0, 0.0]
+    gain = paired_gain([1.0, 0.0, 0.0])
+    half = 1.96 * math.sqrt((4 / 9 + 1 / 9 + 1 / 9) / 2 / 3)
+    assert gain.n == 3 and gain.mean == pytest.approx(100 / 3)
+    assert (gain.low, gain.high) == pytest.approx((100 * (1 / 3 - half), 100 * (1 / 3 + half)))
+    assert str(paired_gain([0.1, 0.1])) == "+10.0 [+10.0, +10.0]"
+    with pytest.raises(FileNotFoundError, match="no predictions for dataset 'gsm8k'"):
+        problem_scores(run, "gsm8k")
+    with pytest.raises(ValueError, match="at least 2 problems"):
+        paired_gain([0.5])

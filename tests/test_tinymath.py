@@ -304,3 +304,42 @@ def test_load_items(tokenizer):
     shot = load_items(TaskConfig(name="tinymath", split="test", limit=2, k_shot=1), tokenizer)
     assert shot[0].prompt.count("user:") == 2
     assert tokenizer.unk_token_id not in shot[0].prompt_ids
+
+
+def test_flip_subtractions_writes_some_subtractions_as_additions_and_carries_the_count(splits):
+    problems = splits["warm"][:2000]
+    subtractions = flipped = 0
+    for p in problems:
+        flawed = tm.flip_subtractions(p.solution, 0.5, p.problem_id)
+        assert flawed == tm.flip_subtractions(p.solution, 0.5, p.problem_id)  # stable
+        assert tm.flip_subtractions(p.solution, 0.0, p.problem_id) == p.solution
+        gold, _ = _equations(p.solution)
+        wrong, answer = _equations(flawed)
+        for (a, op, b, result), (_, gold_op, gold_b, _) in zip(wrong, gold, strict=True):
+            assert b == gold_b and result == {"+": a + b, "-": a - b, "*": a * b}[op]
+            assert op == gold_op or (gold_op, op) == ("-", "+")
+            subtractions += gold_op == "-"
+            flipped += (gold_op, op) == ("-", "+")
+        for (_, _, _, prev), (a, _, _, _) in pairwise(wrong):
+            assert a == prev
+        assert answer == wrong[-1][3]
+        assert (answer == int(p.answer)) == (flawed == p.solution)
+    assert 0.45 < flipped / subtractions < 0.55
+    assert tm.flip_subtractions(p.solution, 1.0, p.problem_id).count(" - ") == 0
+
+
+def test_warm_start_examples_carry_the_configured_flaw(tokenizer):
+    from dqo_ray.config import load_config
+    from dqo_ray.train.warm_start import warm_start_examples
+
+    def targets(flip: float) -> list[list[int]]:
+        cfg = load_config(REPO / "configs" / "demo.yaml", [
+            "pipeline.warm_start.problems=60", f"pipeline.warm_start.flip_subtractions={flip}"])
+        return [e.target_ids for e in warm_start_examples(cfg, tokenizer)]
+
+    problems = load_problems("tinymath", None, "warm", 60)
+    flawed, clean = targets(0.5), targets(0.0)
+    for p, bad, good in zip(problems, flawed, clean, strict=True):
+        assert tokenizer.decode(good[:-1]) == p.solution
+        assert tokenizer.decode(bad[:-1]) == tm.flip_subtractions(p.solution, 0.5, p.problem_id)
+    assert sum(b != g for b, g in zip(flawed, clean, strict=True)) > 10

@@ -127,6 +127,41 @@ def test_planner_prefetches_only_epochs_the_run_reaches(scored_store):
     assert planner.planned_epochs() == [0, 1]  # no epoch 2: the run ends within epoch 1
 
 
+def test_planner_balanced_epoch_is_the_balanced_selection_in_epoch_order(
+        tmp_path, tiny_checkpoint, ray_address):
+    # Rows 2k, 2k+1 share a prompt across both shards (4 rows a prompt); one outcome for
+    # prompts 0 and 1, 3 correct + 1 wrong for prompt 2, 2 + 2 for the rest.
+    def correct(shard: int, i: int) -> bool:
+        k = i // 2
+        return k == 0 or (k == 2 and (shard, i % 2) != (1, 1)) or (k > 2 and i % 2 == 0)
+
+    root = tmp_path / "store"
+    write_toy_store(root, tiny_checkpoint, shards=2, rows_per_shard=16, paired=True,
+                    correct=correct)
+    table = TrajectoryStore(str(root)).read_table(columns=["traj_id", "prompt_id", "correct"])
+    planner = EpochPlanner(str(root), None, {}, seed=0, world_size=2, balanced=True)
+    for epoch in (0, 1):
+        rows = [r for rank in (0, 1) for r in planner.split(epoch, rank).take_all()]
+        keys = [r["order_key"] for r in rows]
+        assert keys == sorted(keys)
+        by_prompt = defaultdict(list)
+        for r in rows:
+            by_prompt[r["prompt_id"]].append(r["correct"])
+        assert "p0" not in by_prompt and "p1" not in by_prompt  # one outcome: dropped
+        assert sorted(by_prompt["p2"]) == [False, True]  # 3 + 1 -> 1 + 1
+        assert all(sorted(v) == [False, False, True, True] for p, v in by_prompt.items()
+                   if p not in ("p2",))
+        assert len(rows) == 2 + 4 * 5 == sum(
+            min(sum(c), len(c) - sum(c)) * 2 for c in _groups(table).values())
+
+
+def _groups(table) -> dict[str, list[bool]]:
+    out = defaultdict(list)
+    for row in table.to_pylist():
+        out[row["prompt_id"]].append(row["correct"])
+    return out
+
+
 def sequence_logprob_gap(model, rows) -> float:
     """mean log pi(y|x) of correct responses minus that of incorrect ones."""
     sums = {True: [], False: []}

@@ -148,3 +148,34 @@ def test_stale_extension_build_lock_is_cleared(tmp_path, monkeypatch):
     (folder / "dqo_test_op.so").unlink()
     assert clear_stale_build_lock("dqo_test_op") and not lock.exists()
     assert not clear_stale_build_lock("dqo_test_op")  # no lock at all
+
+
+def test_kl_term_uses_the_reference_forward_on_response_tokens(tiny_checkpoint):
+    policy, value = models(tiny_checkpoint)
+    batch = pad_trajectories(make_rows(5, n=3), pad_id=0, side="left", pad_to_multiple=8)
+    cfg = AlgoConfig(beta=0.2, off_policy="none", kl_coef=0.5)
+    plain = loss_on_batch(policy, value, batch, AlgoConfig(beta=0.2, off_policy="none"))
+    same = loss_on_batch(policy, value, batch, cfg, reference=load_policy(tiny_checkpoint))
+    assert same.metrics["kl_full"].item() == pytest.approx(0, abs=1e-6)  # pi_ref == pi_theta
+    torch.testing.assert_close(same.policy_loss, plain.policy_loss)
+
+    other = load_policy(tiny_checkpoint)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = loss_on_batch(policy, value, batch, cfg, reference=other)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["response_mask"][:, 1:]
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(input_ids=ids, attention_mask=attn, position_ids=(
+            attn.long().cumsum(-1) - 1).clamp(min=0)).logits[:, :-1], -1)
+        logq = torch.log_softmax(other(input_ids=ids, attention_mask=attn, position_ids=(
+            attn.long().cumsum(-1) - 1).clamp(min=0)).logits[:, :-1], -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)[mask].mean()
+    assert kl.item() > 1e-3
+    torch.testing.assert_close(moved.metrics["kl_full"], kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(moved.policy_loss.detach(), plain.policy_loss.detach() + 0.5 * kl,
+                               rtol=1e-4, atol=1e-6)
+    assert 0 < moved.metrics["entropy"].item()
+    with pytest.raises(ValueError, match="kl_coef > 0 needs the reference model"):
+        loss_on_batch(policy, value, batch, cfg)

@@ -2,8 +2,8 @@
 
 from dqo_ray.algo.baselines import dpo_loss, dro_loss, rft_loss, sequence_sum
 from dqo_ray.algo.dqo import LossOutput, dqo_loss, masked_mean
-from dqo_ray.algo.logprobs import token_logprobs
+from dqo_ray.algo.logprobs import entropy, full_kl, token_logprobs
 from dqo_ray.algo.returns import lambda_returns
 
-__all__ = ["LossOutput", "dpo_loss", "dqo_loss", "dro_loss", "lambda_returns", "masked_mean",
-           "rft_loss", "sequence_sum", "token_logprobs"]
+__all__ = ["LossOutput", "dpo_loss", "dqo_loss", "dro_loss", "entropy", "full_kl",
+           "lambda_returns", "masked_mean", "rft_loss", "sequence_sum", "token_logprobs"]

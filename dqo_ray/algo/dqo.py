@@ -4,7 +4,8 @@
     eps_h = beta*l_h + V_h - Q^lam_h                                  (shared residual)
     L_pi  = mean_h w_h * (beta*l_h + sg(V_h) - sg(Q^lam_h))^2         (grad to theta only)
     L_V   = mean_h w_h * (V_h - sg(G_h))^2                            (grad to phi only)
-    loss  = L_pi + c_V * L_V
+    loss  = L_pi + alpha * mean_h KL(pi_theta(.|s_h) || pi_ref(.|s_h)) + c_V * L_V
+(alpha = algo.kl_coef, 0 by default: the optional full-vocabulary term of OREO.)
 Q^lam, G come from `lambda_returns` on detached l and V. Off-policy options (`algo.off_policy`):
     none       w_h = 1, c = 1
     truncated  w_h = 1, c_h = min(c_max, rho_h) in the return recursion   [default]
@@ -70,6 +71,7 @@ def dqo_loss(
     mask: torch.Tensor,
     cfg: AlgoConfig,
     bootstrap_value: torch.Tensor | None = None,
+    full_kl: torch.Tensor | None = None,
 ) -> LossOutput:
     """DQO policy + value loss for a batch of trajectories.
 
@@ -83,6 +85,8 @@ def dqo_loss(
         cfg:                beta, lam, value_coef, off_policy, trace_clip,
                             sequence_weight_clip, reduction.
         bootstrap_value:    [B] V_H after the last token; None = 0 (EOS is terminal).
+        full_kl:            [B, T] KL(pi_theta(.|s_h) || pi_ref(.|s_h)) over the vocabulary,
+                            with grad to the policy; adds cfg.kl_coef * its mean to L_pi.
 
     Returns:
         LossOutput with loss = L_pi + value_coef * L_V, per-token terms and metrics.
@@ -115,6 +119,10 @@ def dqo_loss(
     value_terms = weights * value_residual.square() * maskf
     policy_loss = masked_mean(policy_terms, mask, cfg.reduction)
     value_loss = masked_mean(value_terms, mask, cfg.reduction)
+    if full_kl is not None:
+        kl_mean = masked_mean(full_kl, mask, cfg.reduction)
+        metrics["kl_full"] = kl_mean.detach()
+        policy_loss = policy_loss + cfg.kl_coef * kl_mean
     loss = policy_loss + cfg.value_coef * value_loss
 
     with torch.no_grad():

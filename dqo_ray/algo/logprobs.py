@@ -45,3 +45,28 @@ def token_logprobs(
     if not out:
         return logits.new_zeros(tokens.shape, dtype=torch.float32)
     return torch.cat(out).reshape(tokens.shape)
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) over the whole vocabulary at each position: sum_v p (log p - log q).
+
+    Args: logits [..., V] (with grad), ref_logits [..., V] (constant). Returns [...] float32.
+    Unlike the sampled-token estimators, it also sees the mass a step moves to tokens that no
+    trajectory sampled (OREO, arXiv 2412.16145, adds it to the policy loss for that reason).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def entropy(logits: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """[..., V] -> [...] the entropy of softmax(logits) in nats (float32), computed in chunks
+    of rows so a large vocabulary never needs a float32 copy of all logits at once."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = []
+    for start in range(0, flat.shape[0], chunk_tokens):
+        logp = torch.log_softmax(flat[start : start + chunk_tokens].float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    if not out:
+        return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+    return torch.cat(out).reshape(logits.shape[:-1])

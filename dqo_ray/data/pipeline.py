@@ -28,6 +28,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dqo_ray.data.batch import pad_trajectories
+from dqo_ray.data.groups import balanced_groups
 from dqo_ray.data.order import copies_per_row, order_keys
 from dqo_ray.data.pairs import preference_pairs
 from dqo_ray.data.store import ShardInfo, TrajectoryStore
@@ -67,20 +68,22 @@ class MixAndKey:
 
 def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
                   weights: Mapping[int, float], seed: int, epoch: int,
-                  pairs: bool = False) -> ray.data.Dataset:
+                  pairs: bool = False, balanced: bool = False) -> ray.data.Dataset:
     """The mixed, ordered rows of one epoch (lazy). pairs=True (DPO): only interleaved
-    (chosen, rejected) rows of the same prompt (`dqo_ray.data.pairs`)."""
+    (chosen, rejected) rows of the same prompt (`dqo_ray.data.pairs`); balanced=True: only
+    balanced outcome groups (`dqo_ray.data.groups`)."""
     _deterministic_context()
-    columns = TRAIN_COLUMNS + ["prompt_id"] if pairs else TRAIN_COLUMNS
+    columns = TRAIN_COLUMNS + ["prompt_id"] if pairs or balanced else TRAIN_COLUMNS
     ds = ray.data.read_parquet(store.paths(shards), filesystem=store.filesystem,
                                columns=columns, partitioning=None)
     ds = ds.map_batches(MixAndKey(weights, seed, epoch), batch_format="pyarrow")
-    if not pairs:
+    if not (pairs or balanced):
         return ds.sort("order_key")
-    # A prompt's rows may sit in any block: group them first, then pair within the group.
-    ds = ds.groupby("prompt_id").map_groups(preference_pairs, batch_format="pyarrow",
+    # A prompt's rows may sit in any block: group them first, then select within the group.
+    ds = ds.groupby("prompt_id").map_groups(preference_pairs if pairs else balanced_groups,
+                                            batch_format="pyarrow",
                                             fn_kwargs={"seed": seed, "epoch": epoch})
-    return ds.sort(["order_key", "pair_pos"])
+    return ds.sort(["order_key", "pair_pos"] if pairs else "order_key")
 
 
 class TrajectoryCollate(NumpyBatchCollateFn):
@@ -112,13 +115,14 @@ class EpochPlanner:
 
     def __init__(self, store_root: str, rounds: Sequence[int] | None,
                  weights: Mapping[int, float], seed: int, world_size: int,
-                 pairs: bool = False, run_rows: int | None = None) -> None:
+                 pairs: bool = False, run_rows: int | None = None,
+                 balanced: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = TrajectoryStore(store_root)
         self.shards = self.store.shards(rounds)
         self.weights, self.seed, self.world_size = dict(weights), seed, world_size
-        self.pairs, self.run_rows = pairs, run_rows
+        self.pairs, self.run_rows, self.balanced = pairs, run_rows, balanced
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-planner")
         self._builds: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -126,7 +130,7 @@ class EpochPlanner:
     def _build(self, epoch: int) -> list[Any]:
         start = time.perf_counter()
         ds = epoch_dataset(self.store, self.shards, self.weights, self.seed, epoch,
-                           self.pairs).materialize()
+                           self.pairs, self.balanced).materialize()
         if self.pairs:
             if ds.count() == 0:
                 raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
@@ -171,10 +175,11 @@ class EpochPlanner:
 
 def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mapping[int, float],
                   seed: int, world_size: int, pairs: bool = False,
-                  run_rows: int | None = None) -> Any:
+                  run_rows: int | None = None, balanced: bool = False) -> Any:
     """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs)."""
     remote_cls = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlanner)
-    return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs, run_rows)
+    return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs, run_rows,
+                             balanced)
 
 
 def split_step_batches(split: ray.data.Dataset, micro_batch: int, grad_accum: int,

@@ -1,10 +1,14 @@
 """Side-by-side comparison of runs (pure; matplotlib's object API, no display): each run's
-start and final accuracy, one markdown table and one bar plot."""
+start and final accuracy, one markdown table and one bar plot; per-problem scores of a
+checkpoint (the evaluator's predictions files) and paired gains with confidence intervals."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +91,64 @@ def write_comparison(out_dir: str | os.PathLike,
 
     _atomic_write(png, plot)
     return md, png
+
+
+# --------------------------------------------------------------------------------------------
+# Per-problem scores and paired gains
+# --------------------------------------------------------------------------------------------
+
+def problem_scores(run_dir: str | os.PathLike, dataset: str,
+                   step: int | None = None) -> dict[str, tuple[float, float]]:
+    """problem_id -> (greedy correct 0/1, mean of the sampled answers' correctness) at `step`
+    (None = the last evaluated step), read from the evaluator's predictions file."""
+    folder = Path(run_dir) / "predictions"
+    files = sorted(folder.glob(f"{dataset}-step*.jsonl"))
+    if step is not None:
+        files = [f for f in files if f.name == f"{dataset}-step{step:07d}.jsonl"]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no predictions for dataset {dataset!r}"
+                                + ("" if step is None else f" at step {step}"))
+    scores = {}
+    with open(files[-1]) as f:
+        for line in f:
+            row = json.loads(line)
+            samples = row["samples_correct"]
+            scores[row["problem_id"]] = (float(row["correct"]),
+                                         sum(samples) / len(samples) if samples else math.nan)
+    return scores
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """Mean of per-problem differences (final - start) with its normal 95% interval, in
+    accuracy points (x100)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.1f} [{self.low:+.1f}, {self.high:+.1f}]"
+
+
+def paired_gain(differences: Sequence[float]) -> PairedGain:
+    """The mean of per-problem differences and its 95% interval (1.96 standard errors): the
+    same problems scored twice, so each problem's difficulty cancels out of the comparison."""
+    n = len(differences)
+    if n < 2:
+        raise ValueError(f"a paired interval needs at least 2 problems, got {n}")
+    mean = sum(differences) / n
+    var = sum((d - mean) ** 2 for d in differences) / (n - 1)
+    half = 1.96 * math.sqrt(var / n)
+    return PairedGain(100 * mean, 100 * (mean - half), 100 * (mean + half), n)
+
+
+def gain_differences(pairs: Sequence[tuple[Mapping[str, tuple[float, float]],
+                                          Mapping[str, tuple[float, float]]]],
+                     metric: int = 0) -> list[float]:
+    """Per problem, the mean over (before, after) pairs (one per seed) of after - before, for
+    metric 0 (greedy) or 1 (mean sample). Only problems scored in every mapping count."""
+    common = set.intersection(*(set(m) for pair in pairs for m in pair))
+    return [sum(after[p][metric] - before[p][metric] for before, after in pairs) / len(pairs)
+            for p in sorted(common)]

@@ -229,6 +229,41 @@ def draw_problem(rng: random.Random) -> tuple[str, str, int, int]:
     return " ".join(sentences), "\n".join(lines), v, steps
 
 
+_LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")
+
+
+def flip_subtractions(solution: str, rate: float, key: str) -> str:
+    """`solution` as a careless annotator writes it: each subtraction step is written as an
+    addition with probability `rate`, and the later steps and the answer follow from the wrong
+    count. The choice is a stable function of (key, step), so one problem is flawed the same
+    way in every process.
+
+    Why: a warm start on these demonstrations learns to add or subtract at random where the
+    question removes items. That is a choice the model can already make either way, so outcome
+    rewards can correct it (the arithmetic errors of a 1M-parameter model are not; see the
+    README's demo section). Solutions that are not tinymath's are returned unchanged.
+    """
+    if rate <= 0:
+        return solution
+    lines = solution.split("\n")
+    out, value = [], None
+    for step, line in enumerate(lines):
+        match = _LINE.match(line)
+        if match is None:
+            if line.startswith(ANSWER_PREFIX) and value is not None:
+                line = f"{ANSWER_PREFIX} {value}."
+            out.append(line)
+            continue
+        a, op, k = int(match[1]), match[2], int(match[3])
+        a = a if value is None else value
+        digest = hashlib.blake2b(f"{key}:{step}".encode(), digest_size=8).digest()
+        if op == "-" and int.from_bytes(digest, "big") / 2**64 < rate:
+            op = "+"
+        value = _apply(op, a, k)
+        out.append(f"{a} {op} {k} = {value}.")
+    return "\n".join(out)
+
+
 def split_of(question: str) -> str:
     """The split a question belongs to: a stable hash of its text (never Python's hash())."""
     digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()

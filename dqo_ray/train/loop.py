@@ -118,6 +118,10 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
         engines["value"] = build_engine(kind, value.to(io.device), tcfg.value_lr, tcfg, bf16)
     for engine in engines.values():
         engine.module.train()
+    reference = None
+    if acfg.name == "dqo" and acfg.kl_coef > 0:  # pi_ref's full distribution, for the KL term
+        reference = load_policy(cfg.model.reference or policy_path, dtype).to(io.device)
+        reference.eval().requires_grad_(False)
 
     state = TrainState()
     if io.resume_from is not None:
@@ -146,7 +150,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
             progressed = True
             train_policy = "value" not in engines or state.step >= tcfg.value_warmup_steps
             step_metrics, tokens = _train_step(engines, micro_batches, acfg, io.device,
-                                               train_policy)
+                                               train_policy, reference)
             if io.ledger is not None:
                 record = {"step": state.step + 1, "epoch": state.epoch}
                 for key in ("positions", "order_key"):
@@ -199,7 +203,8 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
 
 
 def _train_step(engines: dict[str, TrainEngine], micro_batches: list[Batch], acfg: AlgoConfig,
-                device: torch.device, train_policy: bool) -> tuple[dict[str, float], int]:
+                device: torch.device, train_policy: bool,
+                reference: torch.nn.Module | None = None) -> tuple[dict[str, float], int]:
     """One optimizer step over grad_accum micro-batches; returns (mean metrics, tokens).
     train_policy=False (value warm-up) leaves the policy engine untouched: no backward and no
     step, so neither its weights nor its optimizer/schedule state move."""
@@ -208,7 +213,7 @@ def _train_step(engines: dict[str, TrainEngine], micro_batches: list[Batch], acf
     training = {name: e for name, e in engines.items() if name != "policy" or train_policy}
     for micro in micro_batches:
         batch = {k: v.to(device) for k, v in micro.items()}
-        out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg)
+        out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg, reference)
         # The two losses reach disjoint parameters, so each engine backpropagates its own.
         if train_policy:
             engines["policy"].backward(out.policy_loss)

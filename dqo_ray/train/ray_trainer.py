@@ -25,6 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dqo_ray.config import Config, from_dict, to_dict
+from dqo_ray.data.groups import outcome_mix
 from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
@@ -79,10 +80,15 @@ def _worker_main(config: dict[str, Any]) -> None:
     ledger = Path(config["ledger"]) if config.get("ledger") else None
     device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
     logger = MetricsLogger(config["run_dir"], cfg.run, config["config"]) if rank == 0 else None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        assert logger is not None
+        logger.log({**metrics, **config.get("data_stats", {})}, step)  # + the data's shape
+
     run_training(cfg, config["policy_path"], WorkerIO(
         rank=rank, world_size=world, batches=batches, report=report, resume_from=resume_dir,
         scratch=scratch, ledger=ledger, device=device,
-        log_metrics=logger.log if logger else None))
+        log_metrics=log_metrics if logger else None))
     if logger is not None:
         logger.close()
 
@@ -117,19 +123,28 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     if cfg.trainer.ledger:
         ledger = run_dir / "ledger"
         ledger.mkdir(parents=True, exist_ok=True)
+    if cfg.model.reference is not None:
+        reference = resolve_checkpoint(cfg.model.reference, run_dir, "model.reference")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, reference=reference))
+    mix = outcome_mix(*store.read_table(shards, ["prompt_id", "correct"]).to_pydict().values())
+    log.info("training data: %d prompts, %.1f%% with mixed outcomes, %.1f%% all wrong",
+             mix["prompts"], 100 * mix["mixed_prompt_frac"], 100 * mix["all_wrong_prompt_frac"])
     tcfg = cfg.trainer
     weights = {int(k): v for k, v in cfg.data.round_weights.items()}
     planner = planner_actor(cfg.store, cfg.data.rounds or None, weights,
                             cfg.data.shuffle_seed, tcfg.num_workers,
                             pairs=cfg.algo.name == "dpo",
                             run_rows=tcfg.max_steps * tcfg.micro_batch_size
-                            * tcfg.grad_accum_steps * tcfg.num_workers)
+                            * tcfg.grad_accum_steps * tcfg.num_workers,
+                            balanced=cfg.data.prompt_groups == "balanced"
+                            and cfg.algo.name in ("dqo", "dro"))
     planner.prefetch.remote(_resume_epoch(run_dir))  # overlaps the worker group's start-up
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={"config": to_dict(cfg), "policy_path": str(policy_path),
                            "run_dir": str(run_dir), "planner": planner,
-                           "ledger": str(ledger) if ledger else None, "pid_file": pid_file},
+                           "ledger": str(ledger) if ledger else None, "pid_file": pid_file,
+                           "data_stats": {"mixed_prompt_frac": mix["mixed_prompt_frac"]}},
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=RunConfig(

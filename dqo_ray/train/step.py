@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dqo_ray.algo import LossOutput, dpo_loss, dqo_loss, dro_loss, rft_loss, token_logprobs
+from dqo_ray.algo import (
+    LossOutput,
+    dpo_loss,
+    dqo_loss,
+    dro_loss,
+    entropy,
+    full_kl,
+    rft_loss,
+    token_logprobs,
+)
 from dqo_ray.config import AlgoConfig
 
 
@@ -18,11 +27,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def next_token_logits(model: nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids -> [B, L-1, V] scores of token t+1 given tokens <= t."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask)).logits[:, :-1]
+
+
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[B, L] ids -> [B, L-1] log p(token t+1 | tokens <= t) (0-padded where masked)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, :-1]  # [B, L-1, V]
+    logits = next_token_logits(model, input_ids, attention_mask)  # [B, L-1, V]
     return token_logprobs(logits, input_ids[:, 1:], temperature=temperature)
 
 
@@ -34,13 +49,26 @@ def sequence_values(value_model: nn.Module, input_ids: torch.Tensor,
 
 
 def loss_on_batch(policy: nn.Module, value_model: nn.Module | None,
-                  batch: dict[str, torch.Tensor], cfg: AlgoConfig) -> LossOutput:
+                  batch: dict[str, torch.Tensor], cfg: AlgoConfig,
+                  reference: nn.Module | None = None) -> LossOutput:
     """Forward passes + the configured loss. All [B, L-1] tensors are in "target" space:
-    index t scores token t+1, read from the state ending at position t."""
+    index t scores token t+1, read from the state ending at position t. `reference` (pi_ref,
+    frozen) is needed only by dqo with algo.kl_coef > 0. Adds the policy's mean next-token
+    `entropy` over response tokens to the metrics (rising entropy = mass leaving the data)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = batch["response_mask"][:, 1:]  # [B, L-1] positions whose target is a response token
-    policy_lp = sequence_logprobs(policy, ids, attn) * mask
+    logits = next_token_logits(policy, ids, attn)  # [B, L-1, V]
+    out = _configured_loss(logits, value_model, batch, mask, cfg, reference)
+    with torch.no_grad():  # response positions only: [N, V], N = response tokens
+        out.metrics["entropy"] = entropy(logits.detach()[mask.bool()]).mean()
+    return out
 
+
+def _configured_loss(logits: torch.Tensor, value_model: nn.Module | None,
+                     batch: dict[str, torch.Tensor], mask: torch.Tensor, cfg: AlgoConfig,
+                     reference: nn.Module | None) -> LossOutput:
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    policy_lp = token_logprobs(logits, ids[:, 1:]) * mask  # [B, L-1]
     if cfg.name == "rft":
         return rft_loss(policy_lp, mask, batch["correct"], cfg.reduction)
     ref_lp = batch["ref_logprobs"][:, 1:]
@@ -66,5 +94,14 @@ def loss_on_batch(policy: nn.Module, value_model: nn.Module | None,
         last = batch["response_mask"].long().cumsum(-1).argmax(-1)  # position of a_{H-1}
         v_after = values_full.gather(1, last[:, None]).squeeze(1)  # V(s_H)
         bootstrap = torch.where(truncated, v_after, torch.zeros_like(v_after))
+    kl = None
+    if cfg.kl_coef > 0:
+        if reference is None:
+            raise ValueError("algo.kl_coef > 0 needs the reference model in the step")
+        with torch.no_grad():
+            ref_logits = next_token_logits(reference, ids, attn)
+        response = mask.bool()
+        kl = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)  # [B, L-1]
+        kl[response] = full_kl(logits[response], ref_logits[response])  # [N], grad to theta
     return dqo_loss(policy_lp, ref_lp, batch["behaviour_logprobs"][:, 1:], values, rewards,
-                    mask, cfg, bootstrap_value=bootstrap)
+                    mask, cfg, bootstrap_value=bootstrap, full_kl=kl)

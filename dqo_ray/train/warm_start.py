@@ -16,6 +16,7 @@ from dqo_ray.config import Config
 from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems, render_solution
 from dqo_ray.tasks.items import prompt_items
+from dqo_ray.tasks.tinymath import flip_subtractions
 from dqo_ray.train.sft import SFTExample, SFTSettings, sft_cache_key, supervised_finetune
 
 
@@ -31,8 +32,10 @@ def warm_start_examples(cfg: Config, tokenizer: Any) -> list[SFTExample]:
     items = prompt_items(problems, tokenizer, cfg.task)
     examples = []
     for problem, item in zip(problems, items, strict=True):
-        target = tokenizer(render_solution(problem, cfg.task.name),
-                           add_special_tokens=False)["input_ids"]
+        solution = render_solution(problem, cfg.task.name)
+        if ws.flip_subtractions:
+            solution = flip_subtractions(solution, ws.flip_subtractions, problem.problem_id)
+        target = tokenizer(solution, add_special_tokens=False)["input_ids"]
         examples.append(SFTExample(list(item.prompt_ids), [*target, tokenizer.eos_token_id]))
     return examples
 

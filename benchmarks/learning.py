@@ -1,0 +1,180 @@
+"""Does DQO teach the model? DQO, RFT and the gold control from the same plateaued warm start
+at equal budget, over several seeds, with paired 95% confidence intervals.
+
+    python benchmarks/learning.py [--config configs/learning.yaml] [--seeds 0 1 2]
+                                  [--eval-limit 1000] [--extra dro dpo] [--set key=value ...]
+
+Per seed (run.seed = seed: another tiny-model init, warm start and sampling): `jobs.compare`
+runs DQO and RFT as full pipelines (same prompts, samples, rounds x steps x batch) and the
+gold control (supervised training continued on the warm-start gold set for the same steps x
+batch); on the first seed also the `--extra` algorithms. Every run scores the same
+eval.limit held-out problems at the start and after each round (greedy, and the mean of
+eval.samples samples). Gains are paired per problem (final - start on the same problem), the
+3-seed gain averages each problem's gain over the seeds; intervals are 1.96 standard errors
+over problems (seed-to-seed spread is shown by the per-seed rows).
+
+Resumable: every pipeline stage is recorded, so a re-run skips finished runs and continues an
+unfinished one. Writes runs/<run.name>/learning.md and learning.png and appends the table to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dqo_ray.config import load_config  # noqa: E402
+from dqo_ray.evaluation.compare import gain_differences, paired_gain, problem_scores  # noqa: E402
+from dqo_ray.evaluation.report import _atomic_write  # noqa: E402
+from dqo_ray.runtime import ENGINE_LOG, init_ray  # noqa: E402
+from jobs.compare import compare  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+METRICS = (("greedy", 0), ("mean-sample", 1))
+log = logging.getLogger("learning")
+
+
+def run_seed(config: str, seed: int, algos: list[str], eval_limit: int,
+             overrides: list[str], out: Path) -> dict[str, Path]:
+    """The comparison for one seed (resumed where it stopped); method -> run folder."""
+    cfg = load_config(config, [f"run.seed={seed}", f"run.name={out.name}/seed{seed}",
+                               f"eval.limit={eval_limit}", f"compare.algos=[{','.join(algos)}]",
+                               "compare.gold_control=true", *overrides])
+    init_ray(cfg.ray, out / ENGINE_LOG)
+    out = compare(cfg)
+    runs = {algo: out.parent / f"seed{seed}-{algo}" for algo in algos}
+    runs["gold control"] = out.parent / f"seed{seed}-gold-control"
+    return runs
+
+
+def gains(seeds: dict[int, dict[str, Path]], dataset: str) -> list[dict]:
+    """Rows of the table: per method, each seed's paired gain, then the mean over seeds."""
+    rows = []
+    methods = dict.fromkeys(m for runs in seeds.values() for m in runs)
+    for method in methods:
+        pairs = {s: (problem_scores(runs[method], dataset, 0),
+                     problem_scores(runs[method], dataset))
+                 for s, runs in seeds.items() if method in runs}
+        for s, pair in pairs.items():
+            rows.append(_row(method, f"seed {s}", [pair]))
+        if len(pairs) > 1:
+            rows.append(_row(method, f"mean of {len(pairs)} seeds", list(pairs.values())))
+    return rows
+
+
+def _row(method: str, seeds: str, pairs: list) -> dict:
+    row = {"method": method, "seeds": seeds, "n": len(gain_differences(pairs))}
+    for label, metric in METRICS:
+        start = sum(sum(v[metric] for v in before.values()) / len(before)
+                    for before, _ in pairs) / len(pairs)
+        row[f"start {label}"] = 100 * start
+        row[f"gain {label}"] = paired_gain(gain_differences(pairs, metric))
+    return row
+
+
+def versus(seeds: dict[int, dict[str, Path]], dataset: str, a: str, b: str) -> dict:
+    """a's final minus b's final, per problem, averaged over the seeds both ran."""
+    pairs = [(problem_scores(runs[b], dataset), problem_scores(runs[a], dataset))
+             for runs in seeds.values() if a in runs and b in runs]
+    return {label: paired_gain(gain_differences(pairs, metric)) for label, metric in METRICS}
+
+
+def table(rows: list[dict]) -> str:
+    header = ["method", "seeds", "n", "start greedy", "gain greedy [95% CI]",
+              "start mean-sample", "gain mean-sample [95% CI]"]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['n']} | {r['start greedy']:.1f} | "
+                     f"{r['gain greedy']} | {r['start mean-sample']:.1f} | "
+                     f"{r['gain mean-sample']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    means = [r for r in rows if r["seeds"].startswith("mean")] or rows
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(METRICS), sharey=True)
+    for ax, (label, _) in zip(axes, METRICS, strict=True):
+        gains_ = [r[f"gain {label}"] for r in means]
+        ax.bar(range(len(means)), [g.mean for g in gains_],
+               yerr=[[g.mean - g.low for g in gains_], [g.high - g.mean for g in gains_]],
+               color=["tab:green" if g.low > 0 else "tab:gray" for g in gains_], capsize=4)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(means)), [f"{r['method']}\n{r['seeds']}" for r in means],
+                      fontsize=8)
+        ax.set_title(f"{label} accuracy gain (points)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def verdict(rows: list[dict], vs_rft: dict) -> list[tuple[str, bool]]:
+    mean = {r["method"]: r for r in rows if r["seeds"].startswith("mean")}
+    if not {"dqo", "rft", "gold control"} <= set(mean):
+        return []
+    dqo, rft, gold = mean["dqo"], mean["rft"], mean["gold control"]
+    return [
+        ("DQO greedy gain >= +4, interval above 0",
+         dqo["gain greedy"].mean >= 4 and dqo["gain greedy"].low > 0),
+        ("DQO mean-sample gain >= +6, interval above 0",
+         dqo["gain mean-sample"].mean >= 6 and dqo["gain mean-sample"].low > 0),
+        ("DQO gain >= RFT gain - 1 (both metrics)",
+         all(dqo[f"gain {m}"].mean >= rft[f"gain {m}"].mean - 1 for m, _ in METRICS)),
+        ("gold control gains less than DQO (both metrics)",
+         all(gold[f"gain {m}"].mean < dqo[f"gain {m}"].mean for m, _ in METRICS)),
+    ] + [(f"(DQO - RFT final {m}: {vs_rft[m]})", True) for m, _ in METRICS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/learning.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-limit", type=int, default=1000)
+    parser.add_argument("--extra", nargs="*", default=["dro", "dpo"],
+                        help="algorithms run on the first seed only")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    began = time.perf_counter()
+    base = load_config(args.config, args.overrides)
+    out = Path(base.run.run_dir).absolute()
+    seeds: dict[int, dict[str, Path]] = {}
+    for i, seed in enumerate(args.seeds):
+        algos = ["dqo", "rft", *(args.extra if i == 0 else [])]
+        log.info("[learning] seed %d (%d of %d): %s + gold control", seed, i + 1,
+                 len(args.seeds), ", ".join(algos))
+        seeds[seed] = run_seed(args.config, seed, algos, args.eval_limit, args.overrides, out)
+    dataset = base.eval.datasets[0]
+    rows = gains(seeds, dataset)
+    vs_rft = versus(seeds, dataset, "dqo", "rft")
+    checks = verdict(rows, vs_rft)
+    text = "\n".join([table(rows), "", *(f"- {c}: {'yes' if ok else 'NO'}" if not
+                                         c.startswith("(") else f"- {c}" for c, ok in checks)])
+    print(text)
+    title = f"{args.config}: gains over the warm start, {args.eval_limit} held-out problems"
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "learning.md", lambda f: f.write(f"# {title}\n\n{text}\n".encode()))
+    plot(rows, out / "learning.png", title)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with open(RESULTS, "a") as f:
+        f.write(f"\n## learning.py ({stamp}, {platform.machine()}, {platform.node()}, "
+                f"{args.config}, seeds {args.seeds}, {time.perf_counter() - began:.0f}s)\n\n"
+                f"{text}\n")
+    print(f"{out / 'learning.md'}, {out / 'learning.png'}")
+
+
+if __name__ == "__main__":
+    main()
