@@ -134,6 +134,11 @@ class AlgoConfig:
     this term also holds the mass a step would move to tokens nobody sampled. Costs a
     reference forward in every step (pi_ref is loaded beside the policy)."""
 
+    @property
+    def has_value_model(self) -> bool:
+        """dqo and dro train a value model beside the policy; rft and dpo have none."""
+        return self.name in ("dqo", "dro")
+
 
 @dataclass
 class TrainerConfig:

@@ -73,7 +73,10 @@ ENGINE_LOG = "engines.log"
 ENGINE_LOG_ENV = "DQO_ENGINE_LOG"
 OWN_LOGGERS = ("dqo_ray", "actors", "jobs")
 """Loggers whose lines a person reads on the console (progress, results)."""
-ENGINE_LOGGERS = ("ray", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch")
+ENGINE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "vllm", "deepspeed", "DeepSpeed",
+                  "transformers", "torch")
+"""Loggers of the engines: named one by one, since Ray Data and others keep handlers of
+their own instead of propagating to "ray"."""
 
 
 def route_engine_logs(path: str | os.PathLike) -> None:
@@ -85,9 +88,10 @@ def route_engine_logs(path: str | os.PathLike) -> None:
     log.info("engine logs (vLLM, Ray, DeepSpeed): %s", path)
     os.environ[ENGINE_LOG_ENV] = str(path)
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    import ray.data  # noqa: F401  (configures its logger on import: override it after)
+    import ray.data  # configures its logger on import: override it after
     import transformers
 
+    ray.data.DataContext.get_current().enable_progress_bars = False
     transformers.utils.logging.disable_progress_bar()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))

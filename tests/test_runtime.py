@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from dqo_ray.runtime import ENGINE_LOG_ENV
@@ -43,3 +44,28 @@ def test_without_an_engine_log_the_hook_changes_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     assert "engine chatter on stdout" in out.stdout and "child process line" in out.stderr
+
+
+DRIVER = """
+import logging, sys
+import ray
+from dqo_ray.runtime import route_engine_logs
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+route_engine_logs(sys.argv[1])
+ray.init(address=sys.argv[2], log_to_driver=False)
+rows = ray.data.range(64).map_batches(lambda b: b).sort("id").take_all()
+logging.getLogger("jobs.pipeline").info("round 0 data: %d rows", len(rows))
+"""
+
+
+@pytest.mark.ray
+def test_driver_keeps_its_own_lines_and_sends_ray_data_progress_to_the_engine_log(
+        tmp_path, ray_address):
+    log_file = tmp_path / "engines.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(log_file), ray_address], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    console = out.stdout + out.stderr
+    assert "jobs.pipeline: round 0 data: 64 rows" in console
+    assert "ray.data" not in console and "Dataset" not in console, console
+    assert "Dataset" in log_file.read_text()

@@ -111,7 +111,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     engines["policy"] = build_engine(kind, policy.to(io.device), tcfg.policy_lr, tcfg, bf16)
-    if acfg.name in ("dqo", "dro"):
+    if acfg.has_value_model:
         value = load_value(cfg.model.value, policy_path)
         if cfg.model.gradient_checkpointing:
             value.gradient_checkpointing_enable()

@@ -116,7 +116,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
         raise ValueError(f"shards {missing[:5]} lack ref_logprobs: run the reference stage")
     run_dir = Path(run_dir or cfg.run.run_dir).absolute()
     policy_path = str(Path(policy_path).absolute())  # workers run in their own folder
-    if cfg.model.value is not None:
+    if cfg.model.value is not None and cfg.algo.has_value_model:  # rft/dpo ignore it
         value = resolve_checkpoint(cfg.model.value, run_dir, "model.value")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value=value))
     ledger = None
@@ -137,7 +137,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
                             run_rows=tcfg.max_steps * tcfg.micro_batch_size
                             * tcfg.grad_accum_steps * tcfg.num_workers,
                             balanced=cfg.data.prompt_groups == "balanced"
-                            and cfg.algo.name in ("dqo", "dro"))
+                            and cfg.algo.has_value_model)
     planner.prefetch.remote(_resume_epoch(run_dir))  # overlaps the worker group's start-up
     trainer = TorchTrainer(
         _worker_main,
