@@ -90,7 +90,7 @@ class EngineWorker:
                 response_ids=list(sample.token_ids), behaviour_logprobs=list(sample.logprobs),
                 reward=algo.reward_correct if ok else algo.reward_incorrect, correct=ok,
                 finish_reason=sample.finish_reason, step_ends=None, step_rewards=None,
-                ref_logprobs=None))
+                step_values=None, ref_logprobs=None))
         if gen.process_reward_samples > 0:
             self._add_process_rewards(items, rows)
         tokens = sum(len(r["response_ids"]) for r in rows)
@@ -141,6 +141,7 @@ class EngineWorker:
             values += [step_values[r][k] for k in range(1, len(ends))]
             values.append(1.0 if row["correct"] else 0.0)
             row["step_ends"] = ends
+            row["step_values"] = values[:-1]  # p_{k-1}: success rate where step k starts
             row["step_rewards"] = shaped_step_rewards(values, gen.process_reward_alpha)
 
 

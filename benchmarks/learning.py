@@ -45,9 +45,10 @@ log = logging.getLogger("learning")
 def run_seed(config: str, seed: int, algos: list[str], eval_limit: int,
              overrides: list[str], out: Path) -> dict[str, Path]:
     """The comparison for one seed (resumed where it stopped); method -> run folder."""
-    cfg = load_config(config, [f"run.seed={seed}", f"run.name={out.name}/seed{seed}",
+    # The user's overrides first: run.name, run.seed and the comparison are this script's.
+    cfg = load_config(config, [*overrides, f"run.seed={seed}", f"run.name={out.name}/seed{seed}",
                                f"eval.limit={eval_limit}", f"compare.algos=[{','.join(algos)}]",
-                               "compare.gold_control=true", *overrides])
+                               "compare.gold_control=true"])
     init_ray(cfg.ray, out / ENGINE_LOG)
     out = compare(cfg)
     runs = {algo: out.parent / f"seed{seed}-{algo}" for algo in algos}

@@ -133,11 +133,20 @@ class AlgoConfig:
     training", 0.01 there). The KL inside DQO's objective constrains only sampled tokens;
     this term also holds the mass a step would move to tokens nobody sampled. Costs a
     reference forward in every step (pi_ref is loaded beside the policy)."""
+    step_values: Literal["model", "mc"] = "model"
+    """dqo: where V comes from. `model` = the value network V_phi at every token. `mc` = the
+    paper's process supervision used as values (arXiv 2410.09302): Monte-Carlo rollouts
+    (generation.process_reward_samples) measure the success rate p where each reasoning
+    step starts, its soft value beta * log((1-p) e^(r_incorrect/beta) + p e^(r_correct/beta))
+    is V there, and the policy fits DQO's consistency over whole steps
+    (`dqo_ray.algo.dqo.dqo_step_loss`): each step is credited with the change of value it
+    caused, not the whole outcome. No value network is trained; lam and off_policy do not
+    apply. docs/algorithm.md section 5."""
 
     @property
     def has_value_model(self) -> bool:
-        """dqo and dro train a value model beside the policy; rft and dpo have none."""
-        return self.name in ("dqo", "dro")
+        """dro and dqo (with step_values: model) train a value model; rft and dpo have none."""
+        return self.name == "dro" or (self.name == "dqo" and self.step_values == "model")
 
 
 @dataclass
@@ -385,6 +394,18 @@ class Config:
         if self.pipeline.warm_start.flip_subtractions and self.task.name != "tinymath":
             problems.append("pipeline.warm_start.flip_subtractions: only for task.name "
                             f"'tinymath' (got {self.task.name!r})")
+        if (self.algo.name == "dqo" and self.algo.step_values == "mc"
+                and not self.generation.process_reward_samples):
+            problems.append("algo.step_values: 'mc' needs generation.process_reward_samples "
+                            "> 0 (the rollouts that measure each step's success rate)")
+        if (self.algo.name == "dqo" and self.algo.step_values == "mc"
+                and self.generation.process_reward_alpha):
+            problems.append("generation.process_reward_alpha: must be 0 with algo.step_values "
+                            "'mc' (the rollouts already set the values; shaped rewards on top "
+                            "would count the same evidence twice)")
+        if self.algo.step_values == "mc" and self.algo.truncated_response == "bootstrap":
+            problems.append("algo.truncated_response: 'bootstrap' needs a value model; with "
+                            "algo.step_values 'mc' use 'zero'")
         return problems
 
 

@@ -45,7 +45,13 @@ def variant(cfg: Config, name: str, **sections: Any) -> Config:
 
 
 def run_algorithm(cfg: Config, algo: str) -> Path:
-    cfg = variant(cfg, algo, algo=dataclasses.replace(cfg.algo, name=algo))
+    """One pipeline run; rft and dpo read no process-reward data, so theirs skips those
+    rollouts."""
+    generation = cfg.generation
+    if algo in ("rft", "dpo") and generation.process_reward_samples:
+        generation = dataclasses.replace(generation, process_reward_samples=0)
+    cfg = variant(cfg, algo, algo=dataclasses.replace(cfg.algo, name=algo),
+                  generation=generation)
     log.info("== %s: pipeline run %s", algo, cfg.run.run_dir)
     Pipeline(cfg, RunState(cfg.run.run_dir, to_dict(cfg))).run()
     return Path(cfg.run.run_dir)

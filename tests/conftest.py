@@ -67,12 +67,14 @@ def ray_address():
 
 def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shard: int = 64,
                     response_len: int = 6, seed: int = 0, paired: bool = False,
-                    correct: Callable[[int, int], bool] | None = None):
+                    correct: Callable[[int, int], bool] | None = None,
+                    step_values: Callable[[bool], list[float]] | None = None):
     """A store of toy trajectories: chat-templated prompts, random responses ending in EOS,
     every other one rewarded (correct). behaviour_logprobs unknown (null), as for external data.
     paired=True: rows 2k and 2k+1 of a shard share one prompt (one correct, one not), so DPO
     finds pairs; otherwise a prompt's rows are all correct or all incorrect.
-    `correct(shard, i)` replaces the every-other-row rule."""
+    `correct(shard, i)` replaces the every-other-row rule. `step_values(correct)` gives two
+    steps (ending at response token 2 and at EOS) the returned success rates."""
     from dqo_ray.data.store import TrajectoryStore
     from dqo_ray.models import load_tokenizer
 
@@ -94,5 +96,8 @@ def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shar
                 prompt_ids=tok(prompt)["input_ids"], response_ids=response,
                 behaviour_logprobs=None, reward=float(ok(shard, i)), correct=ok(shard, i),
                 finish_reason="stop", step_ends=None, step_rewards=None, ref_logprobs=None))
+            if step_values is not None:
+                rows[-1].update(step_ends=[2, response_len], step_rewards=[0.0, 0.0],
+                                step_values=step_values(ok(shard, i)))
         store.write_shard(rows, round=0)
     return store

@@ -10,6 +10,7 @@ from tabular import random_tree, sample_dataset
 from dqo_ray.algo import (
     dpo_loss,
     dqo_loss,
+    dqo_step_loss,
     dro_loss,
     entropy,
     full_kl,
@@ -278,3 +279,66 @@ def test_kl_term_adds_coef_times_mean_kl_to_the_policy_loss_only():
                                      retain_graph=True)
     (grad_ref,) = torch.autograd.grad(0.25 * expected_kl, policy.weight)
     torch.testing.assert_close(grad_kl, grad_ref)
+
+
+def step_layout(mask: torch.Tensor, every: int) -> torch.Tensor:
+    """[B, T] bool: a step starts at every `every`-th valid token of each row."""
+    rank = mask.long().cumsum(-1) - 1  # index of each token within its row's response
+    return mask & (rank % every == 0)
+
+
+def flat_step_values(values_at: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """[B, T] per-token value of the state where the token's step starts."""
+    step_of = (starts.long().cumsum(-1) - 1).clamp(min=0)
+    first = torch.where(starts, torch.arange(starts.shape[1]), starts.shape[1] - 1)
+    positions = first.sort(-1).values.gather(1, step_of)  # column of each step's first token
+    return values_at.gather(1, positions)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_step_loss_is_zero_at_the_soft_optimum(every):
+    """Exact V* at step starts + pi* = zero residual for any split into steps; a policy
+    that is not pi* gets a positive loss."""
+    tree = random_tree(vocab=3, depth=4, beta=0.5, seed=7)
+    data = sample_dataset(tree, n=200, seed=7)
+    pi_star, v_star = tree.soft_optimal()
+    idx, act, mask = data["state_idx"], data["action"], data["mask"]
+    starts = step_layout(mask, every)
+    values = flat_step_values(v_star[idx], starts)
+    cfg = AlgoConfig(beta=0.5)
+    out = dqo_step_loss(torch.log(pi_star)[idx, act], data["ref_lp"], values, data["reward"],
+                        mask, starts, cfg)
+    assert out.loss.item() < 1e-20
+    assert out.metrics["steps_per_row"].item() > 1
+    off = dqo_step_loss(data["ref_lp"], data["ref_lp"], values, data["reward"], mask, starts, cfg)
+    assert off.loss.item() > 1e-3
+
+
+def test_step_loss_value_and_gradient_match_the_definition():
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    starts = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    v = torch.tensor([[0.3, 0.3, 0.9, 0.1, 0.1, 0.0], [0, 0, 0.6, 0.6, 0.6, 0.6]])
+    rewards = torch.zeros(2, 6)
+    rewards[0, 4], rewards[1, 5] = 1.0, 0.0
+    rewards[0, 1] = 0.05  # a dense reward inside step 0 of row 0
+    policy_lp = (-torch.rand(2, 6, generator=gen)).requires_grad_()
+    ref_lp = -torch.rand(2, 6, generator=gen)
+    cfg = AlgoConfig(beta=0.2, kl_coef=0.5)
+    kl = torch.rand(2, 6, generator=gen)
+    out = dqo_step_loss(policy_lp, ref_lp, v, rewards, mask, starts, cfg, full_kl=kl)
+    ratio = (policy_lp - ref_lp).detach()
+    eps = torch.stack([  # row 0: steps [0,1], [2], [3,4]; row 1: one step [2..5]
+        0.2 * ratio[0, :2].sum() + 0.3 - (0.05 + 0.9),
+        0.2 * ratio[0, 2] + 0.9 - 0.1,
+        0.2 * ratio[0, 3:5].sum() + 0.1 - 1.0,
+        0.2 * ratio[1, 2:].sum() + 0.6 - 0.0])
+    kl_mean = kl[mask].mean()
+    torch.testing.assert_close(out.loss.detach(), eps.square().mean() + 0.5 * kl_mean)
+    (grad,) = torch.autograd.grad(out.loss, policy_lp)
+    expected = torch.zeros(2, 6)
+    for (row, cols), e in zip([(0, [0, 1]), (0, [2]), (0, [3, 4]), (1, [2, 3, 4, 5])], eps,
+                              strict=True):
+        expected[row, cols] = 2 * 0.2 * e / 4  # every token of step k moves with eps_k
+    torch.testing.assert_close(grad, expected)
+    assert out.value_loss is None and out.metrics["steps_per_row"].item() == 2.0

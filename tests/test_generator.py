@@ -1,6 +1,7 @@
 """GeneratorPool on the shared local Ray cluster with real engines and the tiny model."""
 
 import collections
+import itertools
 
 import pytest
 import ray
@@ -138,6 +139,11 @@ def test_process_rewards_are_shaped_step_values(tmp_path, ray_address):
         # telescoping: sum = alpha * (outcome - p_0), p_0 a multiple of 1/m
         p0 = (1.0 if row["correct"] else 0.0) - sum(rewards) / 0.5
         assert min(abs(p0 - v) for v in (0.0, 0.5, 1.0)) < 1e-5, (p0, rewards)
+        # step_values are the measured p where each step starts: p_0, then p_1 .. p_{K-1}
+        values = [*row["step_values"], 1.0 if row["correct"] else 0.0]
+        assert len(row["step_values"]) == len(ends) and values[0] == pytest.approx(p0)
+        assert set(row["step_values"]) <= {0.0, 0.5, 1.0}
+        assert rewards == pytest.approx([0.5 * (b - a) for a, b in itertools.pairwise(values)])
         multi_step += len(ends) > 1
     assert multi_step > 0
     pool.shutdown()

@@ -32,6 +32,7 @@ def make_row(i: int, round: int = 0, **overrides) -> dict:
         "prompt_ids": [1, 2, 3 + i], "response_ids": [4, 5, 6],
         "behaviour_logprobs": [-0.5, -0.25, 0.0], "reward": float(i % 2), "correct": bool(i % 2),
         "finish_reason": "stop", "step_ends": [0, 2], "step_rewards": [0.5, -1.0],
+        "step_values": [0.25, 0.5],
         "ref_logprobs": None,
     }
     row.update(overrides)
@@ -55,7 +56,7 @@ def test_round_trip_local_path_and_file_uri(tmp_path, monkeypatch, kind):
     root = {"path": str(tmp_path / "s"), "relative": "s", "uri": f"file://{tmp_path}/s"}[kind]
     store = TrajectoryStore(root)
     rows = [make_row(i) for i in range(5)]
-    rows[3].update(behaviour_logprobs=None, step_ends=None, step_rewards=None)
+    rows[3].update(behaviour_logprobs=None, step_ends=None, step_rewards=None, step_values=None)
     info = store.write_shard(rows, round=0, name="first")
 
     assert info.name == "first" and info.round == 0 and info.version == 1
@@ -265,7 +266,8 @@ BAD_ROWS = [
      "row 1 (traj_id=t1): ref_logprobs: entry 1 is 0.5 > 0 (log-probabilities are <= 0)"),
     ({"behaviour_logprobs": [-0.5, float("nan"), -1.0]},
      "row 1 (traj_id=t1): behaviour_logprobs: entry 1 is nan, not finite"),
-    ({"response_ids": [], "behaviour_logprobs": None, "step_ends": None, "step_rewards": None},
+    ({"response_ids": [], "behaviour_logprobs": None, "step_ends": None, "step_rewards": None,
+      "step_values": None},
      "row 1 (traj_id=t1): response_ids: is empty"),
     ({"prompt_ids": []}, "row 1 (traj_id=t1): prompt_ids: is empty"),
     ({"finish_reason": "eos"},
@@ -278,7 +280,13 @@ BAD_ROWS = [
     ({"step_ends": [2, 1]}, "row 1 (traj_id=t1): step_ends: [2, 1] is not strictly increasing"),
     ({"step_ends": [0, 3]}, "row 1 (traj_id=t1): step_ends: [0, 3] has an entry outside [0, 3)"),
     ({"step_rewards": [1.0]}, "row 1 (traj_id=t1): step_rewards: has 1 entries for 2 step_ends"),
-    ({"step_ends": None}, "row 1 (traj_id=t1): step_rewards: is given without step_ends"),
+    ({"step_ends": None, "step_values": None},
+     "row 1 (traj_id=t1): step_rewards: is given without step_ends"),
+    ({"step_ends": None, "step_rewards": None},
+     "row 1 (traj_id=t1): step_values: is given without step_ends"),
+    ({"step_values": [0.5]}, "row 1 (traj_id=t1): step_values: has 1 entries for 2 step_ends"),
+    ({"step_values": [0.5, 1.5]},
+     "row 1 (traj_id=t1): step_values: [0.5, 1.5] has an entry outside [0, 1]"),
     ({"behavior_logprobs": [-1.0]}, "row 1 (traj_id=t1): behavior_logprobs: is not a trajectory "
      "column (did you mean 'behaviour_logprobs'?)"),
     ({"traj_id": None}, "row 1: traj_id: is null"),
@@ -319,8 +327,9 @@ def test_table_input_is_validated_like_rows(store, change, message):
 
 def test_table_check_passes_valid_tables_untouched():
     rows = [make_row(i) for i in range(50)]
-    rows[7].update(step_ends=None, step_rewards=None, behaviour_logprobs=None)
-    rows[9].update(ref_logprobs=[0.0, -3.0, 1e-5], step_ends=[2], step_rewards=[1.0])
+    rows[7].update(step_ends=None, step_rewards=None, step_values=None, behaviour_logprobs=None)
+    rows[9].update(ref_logprobs=[0.0, -3.0, 1e-5], step_ends=[2], step_rewards=[1.0],
+                   step_values=[1.0])
     table = pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA)
     assert validate_table(table, "t") == []
     sliced = pa.concat_tables([table.slice(0, 20), table.slice(20)])  # two chunks per column
@@ -336,7 +345,8 @@ def test_missing_column_and_optional_columns():
     errors = validate_rows([row], "batch")
     assert [str(e) for e in errors] == ["batch row 0 (traj_id=t0): reward: is missing"]
     minimal = {k: v for k, v in make_row(0).items()
-               if k not in ("behaviour_logprobs", "step_ends", "step_rewards", "ref_logprobs")}
+               if k not in ("behaviour_logprobs", "step_ends", "step_rewards", "step_values",
+                            "ref_logprobs")}
     assert validate_rows([minimal], "batch") == []
     table = rows_to_table([minimal])
     assert table.column("behaviour_logprobs").to_pylist() == [None]

@@ -162,15 +162,17 @@ def _groups(table) -> dict[str, list[bool]]:
     return out
 
 
-def sequence_logprob_gap(model, rows) -> float:
-    """mean log pi(y|x) of correct responses minus that of incorrect ones."""
+def sequence_logprob_gap(model, rows, tokens: slice = slice(None)) -> float:
+    """mean log pi(y|x) of correct responses minus that of incorrect ones (over the response
+    tokens in `tokens`)."""
     sums = {True: [], False: []}
     with torch.no_grad():
         for row in rows:
             ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             n = len(row["response_ids"])
-            sums[row["correct"]].append(logp.gather(-1, ids[0, 1:, None])[-n:, 0].sum().item())
+            token_lp = logp.gather(-1, ids[0, 1:, None])[-n:, 0]
+            sums[row["correct"]].append(token_lp[tokens].sum().item())
     return sum(sums[True]) / len(sums[True]) - sum(sums[False]) / len(sums[False])
 
 
@@ -242,6 +244,36 @@ def test_dpo_trains_on_whole_pairs(tmp_path, tiny_checkpoint, ray_address):
     before = sequence_logprob_gap(load_policy(tiny_checkpoint).eval(), rows)
     after = sequence_logprob_gap(load_policy(ckpt / "policy").eval(), rows)
     assert after > before + 0.5, (before, after)
+
+
+def test_dqo_with_mc_step_values_credits_the_step_that_decided(tmp_path, tiny_checkpoint,
+                                                             ray_address):
+    """algo.step_values=mc through Ray Train: no value model, and the step whose start-to-end
+    success rate moved (the first: 0.5 -> 1 when correct, 0.5 -> 0 when not) is what moves;
+    the second step (no change of value) stays level."""
+    store = write_toy_store(tmp_path / "steps", tiny_checkpoint, shards=2, rows_per_shard=64,
+                            step_values=lambda ok: [0.5, 1.0 if ok else 0.0])
+    pad = load_tokenizer(tiny_checkpoint).pad_token_id
+    assert score_reference(store, str(tiny_checkpoint), pad) == 128
+    cfg = job_config(tmp_path, tmp_path / "steps", tiny_checkpoint, max_steps=12,
+                     checkpoint_every=12)
+    assert train_job.main(["--config", str(cfg), "--set", f"ray.address={ray_address}",
+                           "--set", "algo.step_values=mc", "--set", "algo.beta=0.5",
+                           "--set", "generation.process_reward_samples=4",
+                           "--set", "generation.process_reward_alpha=0"]) == 0
+    run_dir = tmp_path / "runs" / "t"
+    metrics = read_jsonl(run_dir / "train_metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert all(m["steps_per_row"] == 2 for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    ckpt = run_dir / "train" / "checkpoint-0000012"
+    assert (ckpt / "policy").is_dir() and not (ckpt / "value").exists()
+    rows = TrajectoryStore(str(tmp_path / "store")).read_table().to_pylist()
+    start, trained = load_policy(tiny_checkpoint).eval(), load_policy(ckpt / "policy").eval()
+    first = [sequence_logprob_gap(m, rows, tokens=slice(0, 3)) for m in (start, trained)]
+    second = [sequence_logprob_gap(m, rows, tokens=slice(3, None)) for m in (start, trained)]
+    assert first[1] > first[0] + 1.0, first
+    assert abs(second[1] - second[0]) < (first[1] - first[0]) / 3, (first, second)
 
 
 def test_zero_stages_agree(tmp_path, scored_store, tiny_checkpoint, ray_address):

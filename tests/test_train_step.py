@@ -1,5 +1,8 @@
 """The plain train step on the tiny Llama: collation, alignment, padding invariance."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +56,64 @@ def test_collate_names_the_bad_row():
     rows[2]["step_ends"] = [99]
     with pytest.raises(ValueError, match=r"trajectory t2: step_ends entry 99 is outside"):
         pad_trajectories(rows, pad_id=0)
+
+
+def test_collate_spreads_step_values_over_their_steps():
+    rows = make_rows(0)  # responses of 4, 6, 8 tokens
+    for row, ends, values in zip(rows, ([1, 3], [0, 2, 5], [7]),
+                                 ([0.25, 0.5], [0.0, 0.5, 1.0], [0.75]), strict=True):
+        row.update(step_ends=ends, step_rewards=[0.0] * len(ends), step_values=values)
+    for side in ("right", "left"):
+        b = pad_trajectories(rows, pad_id=0, side=side, pad_to_multiple=8)
+        got = [b["step_values"][i][b["response_mask"][i]].tolist() for i in range(3)]
+        assert got == [[0.25, 0.25, 0.5, 0.5], [0.0, 0.5, 0.5, 1.0, 1.0, 1.0], [0.75] * 8]
+        starts = [b["step_starts"][i][b["response_mask"][i]].nonzero().flatten().tolist()
+                  for i in range(3)]
+        assert starts == [[0, 2], [0, 1, 3], [0]]
+        assert not (b["step_starts"] & ~b["response_mask"]).any()
+    # Ray Data hands list columns over as numpy arrays
+    as_arrays = [{k: np.asarray(v) if isinstance(v, list) else v for k, v in row.items()}
+                 for row in rows]
+    b = pad_trajectories(as_arrays, pad_id=0)
+    assert b["step_values"][0][b["response_mask"][0]].tolist() == [0.25, 0.25, 0.5, 0.5]
+    assert b["returns"].tolist() == [0.0, 1.0, 0.0]
+    rows[1]["step_ends"] = [0, 2, 4]
+    with pytest.raises(ValueError, match=r"trajectory t1: step_ends must end at the last "):
+        pad_trajectories(rows, pad_id=0)
+    rows[1].update(step_ends=[0, 5], step_rewards=[0.0, 0.0])
+    with pytest.raises(ValueError, match=r"trajectory t1: step_values needs one step_ends "):
+        pad_trajectories(rows, pad_id=0)
+    del rows[1]["step_values"]  # one row without: no step fields for the batch
+    assert "step_values" not in pad_trajectories(rows, pad_id=0)
+
+
+def test_mc_step_values_train_the_policy_alone_on_whole_steps(tiny_checkpoint):
+    policy, _ = models(tiny_checkpoint)
+    rows = make_rows(3)
+    for row in rows:
+        n = len(row["response_ids"])
+        row.update(step_ends=[1, n - 1], step_rewards=[0.0, 0.0], step_values=[0.5, 0.25])
+    batch = pad_trajectories(rows, pad_id=0, side="left", pad_to_multiple=8)
+    cfg = AlgoConfig(beta=0.2, step_values="mc")
+    out = loss_on_batch(policy, None, batch, cfg)
+    mask = batch["response_mask"][:, 1:]
+    with torch.no_grad():
+        lp = sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"])
+    ratios = [(lp - batch["ref_logprobs"][:, 1:])[i][mask[i]] for i in range(3)]
+    v0, v1 = (0.2 * math.log(1 - p + p * math.exp(1 / 0.2)) for p in (0.5, 0.25))
+    eps = []
+    for i, (row, ratio) in enumerate(zip(rows, ratios, strict=True)):
+        reward = 0.0 if row["finish_reason"] == "length" else row["reward"]  # truncated: 0
+        eps += [0.2 * ratio[:2].sum() + v0 - v1, 0.2 * ratio[2:].sum() + v1 - reward]
+        assert batch["truncated"][i].item() == (i == 2)
+    torch.testing.assert_close(out.loss.detach(), torch.stack(eps).square().mean(),
+                               rtol=1e-5, atol=1e-6)
+    assert out.value_loss is None and not cfg.has_value_model
+    out.loss.backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+    del batch["step_values"]
+    with pytest.raises(ValueError, match="step_values='mc' needs step_values in every"):
+        loss_on_batch(policy, None, batch, cfg)
 
 
 def test_sequence_logprobs_match_unpadded_forward(tiny_checkpoint):

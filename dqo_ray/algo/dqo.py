@@ -143,3 +143,65 @@ def dqo_loss(
         )
     return LossOutput(loss, metrics, policy_loss, cfg.value_coef * value_loss,
                       policy_terms.detach(), value_terms.detach())
+
+
+def dqo_step_loss(
+    policy_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    step_values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    step_starts: torch.Tensor,
+    cfg: AlgoConfig,
+    full_kl: torch.Tensor | None = None,
+) -> LossOutput:
+    """DQO's consistency between reasoning-step boundaries, where Monte-Carlo rollouts give V
+    (algo.step_values = mc). For step k of a response, from state s_k to s_{k+1}:
+
+        L_k   = sum_{h in step k} l_h                       (grad to theta, every token)
+        eps_k = beta*L_k + V(s_k) - (r_k + V(s_{k+1}))      (V(s_K) = 0 after the last step)
+        L_pi  = mean_k eps_k^2  [+ alpha * mean_h full KL, as in dqo_loss]
+
+    Summing the token-level relation beta*l_h = r_h + V*(s_{h+1}) - V*(s_h) over a step gives
+    eps_k = 0 at the soft optimum, so this keeps DQO's fixed point while needing V only at
+    step starts. It is the one-step (lambda = 0) target over steps, so it needs no importance
+    correction: the relation holds for every visited step, whoever sampled it.
+
+    Args:
+        policy_logprobs, ref_logprobs, rewards, mask: [B, T] as in `dqo_loss`.
+        step_values: [B, T] V(s_k) of the step each token belongs to (constants).
+        step_starts: [B, T] bool, True at the first token of each step (inside `mask`).
+    """
+    maskf = mask.to(policy_logprobs.dtype)
+    starts = step_starts & mask
+    step_of = (starts.long().cumsum(-1) - 1).clamp(min=0)  # [B, T] step index of each token
+    n_steps = int(starts.sum(-1).max().item()) if starts.any() else 1
+
+    def per_step(x: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, K] sums over each step
+        return x.new_zeros(x.shape[0], n_steps).scatter_add(1, step_of, x * maskf)
+
+    valid = per_step(starts.to(maskf.dtype)) > 0  # [B, K] steps that exist
+    step_ratio = per_step(policy_logprobs - ref_logprobs)  # [B, K] L_k, grad to theta
+    v_start = per_step(step_values.detach() * starts)  # [B, K] V(s_k)
+    v_next = torch.cat([v_start[:, 1:], v_start.new_zeros(len(v_start), 1)], dim=1)
+    v_next = v_next * torch.cat([valid[:, 1:], valid.new_zeros(len(valid), 1)], dim=1)
+    target = per_step(rewards) + v_next  # [B, K] r_k + V(s_{k+1})
+    residual = cfg.beta * step_ratio + v_start - target  # [B, K] eps_k
+    policy_loss = masked_mean(residual.square(), valid, cfg.reduction)
+    metrics: dict[str, torch.Tensor] = {}
+    if full_kl is not None:
+        kl_mean = masked_mean(full_kl, mask, cfg.reduction)
+        metrics["kl_full"] = kl_mean.detach()
+        policy_loss = policy_loss + cfg.kl_coef * kl_mean
+    with torch.no_grad():
+        log_ratio = (policy_logprobs - ref_logprobs).detach()
+        metrics.update(
+            loss=policy_loss.detach(), policy_loss=policy_loss.detach(),
+            residual_abs=masked_mean(residual.detach().abs(), valid),
+            value_mean=masked_mean(v_start, valid),
+            step_target_mean=masked_mean(target - v_start, valid),  # mean change of value
+            steps_per_row=valid.float().sum(-1).mean(),
+            kl_k1=masked_mean(log_ratio, mask),
+            kl_k3=masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+        )
+    return LossOutput(policy_loss, metrics, policy_loss)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 
 def step_ends(token_texts: Sequence[str], delimiter: str = "\n") -> list[int]:
     """Indices of the tokens that end each step: every token whose text contains the delimiter,
@@ -28,3 +30,17 @@ def shaped_step_rewards(step_values: Sequence[float], alpha: float) -> list[floa
     """[p_0, p_1, ..., p_K] -> K rewards alpha * (p_k - p_{k-1}), k = 1..K."""
     return [alpha * (after - before) for before, after in zip(step_values, step_values[1:],
                                                              strict=False)]
+
+
+def soft_step_values(success: torch.Tensor, beta: float, reward_correct: float = 1.0,
+                     reward_incorrect: float = 0.0) -> torch.Tensor:
+    """Success rates p -> soft values beta * log((1-p) e^(r_incorrect/beta) + p e^(r_correct/beta)).
+
+    V*(s) = beta * log E_ref[exp(R / beta)] is DQO's optimal soft value when the rollouts that
+    measured p sampled from pi_ref (an approximation once they sample from a newer policy).
+    Computed in log space: e^(1/beta) overflows float32 for beta < 0.012.
+    """
+    p = success.double()
+    log_terms = torch.stack([torch.log1p(-p) + reward_incorrect / beta,
+                             torch.log(p) + reward_correct / beta])
+    return (beta * torch.logsumexp(log_terms, dim=0)).to(success.dtype)

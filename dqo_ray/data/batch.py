@@ -8,6 +8,13 @@ quantities and their predicting positions line up:
     input_ids       p0 p1 p2 a0 a1 a2 <pad>
     response_mask    0  0  0  1  1  1  0
     rewards          0  0  0  0  0  R  0    (outcome on the last token + shaped step rewards)
+
+With `step_values` in every row (Monte-Carlo process supervision), each response token also
+gets the success rate measured where its reasoning step starts, and `step_starts` marks the
+first token of each step (steps ending at a0 and a2 here):
+
+    step_values      0  0  0 p0 p1 p1  0
+    step_starts      0  0  0  1  1  0  0
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ def pad_trajectories(
     Each row needs `prompt_ids`, `response_ids` (non-empty), `reward`, `finish_reason`, and may
     carry `behaviour_logprobs` / `ref_logprobs` (one per response token), `correct` (default
     reward > 0),
-    `step_ends` + `step_rewards` (response-token index and shaped reward per step).
+    `step_ends` + `step_rewards` (response-token index and shaped reward per step),
+    `step_values` (success rate where each step starts; needs step_ends).
 
     Returns [B, L] int64 `input_ids`, bool `attention_mask` / `response_mask`, float32
-    `rewards` and the per-token fields present in every row; [B] `truncated` (finish_reason
+    `rewards` and the per-token fields present in every row (with `step_values`, also float32
+    `step_values` and bool `step_starts`, see the module doc); [B] `truncated` (finish_reason
     == "length"), `correct` (bool), `returns` (total reward, float32).
     """
     if not rows:
@@ -53,6 +62,10 @@ def pad_trajectories(
     rewards = torch.zeros(batch_size, length)
     present = [f for f in TOKEN_FIELDS if all(r.get(f) is not None for r in rows)]
     token_fields = {f: torch.zeros(batch_size, length) for f in present}
+    with_steps = all(r.get("step_values") is not None for r in rows)
+    if with_steps:
+        token_fields["step_values"] = torch.zeros(batch_size, length)
+        step_starts = torch.zeros(batch_size, length, dtype=torch.bool)
     for i, row in enumerate(rows):
         prompt, resp = list(row["prompt_ids"]), list(row["response_ids"])
         if not resp:
@@ -79,10 +92,33 @@ def pad_trajectories(
                     raise _row_error(i, row, f"step_ends entry {pos} is outside the "
                                      f"{len(resp)}-token response")
                 rewards[i, resp_start + pos] += float(value)
+        if with_steps:
+            starts = _step_starts(i, row, len(resp))
+            for k, (begin, p) in enumerate(zip(starts, row["step_values"], strict=True)):
+                stop = starts[k + 1] if k + 1 < len(starts) else len(resp)
+                token_fields["step_values"][i, resp_start + begin:resp_start + stop] = float(p)
+                step_starts[i, resp_start + begin] = True
     out = {"input_ids": input_ids, "attention_mask": attention, "response_mask": response,
            "rewards": rewards, **token_fields,
            "truncated": torch.tensor([r["finish_reason"] == "length" for r in rows]),
            "correct": torch.tensor([bool(r.get("correct", r["reward"] > 0)) for r in rows]),
-           "returns": torch.tensor([float(r["reward"]) + float(sum(r.get("step_rewards") or []))
+           "returns": torch.tensor([float(r["reward"]) + _total(r.get("step_rewards"))
                                     for r in rows])}
+    if with_steps:
+        out["step_starts"] = step_starts
     return out
+
+
+def _total(values: Sequence[float] | None) -> float:
+    """Sum of an optional list (Ray Data hands lists over as numpy arrays: no truth value)."""
+    return 0.0 if values is None else float(sum(values))
+
+
+def _step_starts(i: int, row: Mapping[str, Any], n: int) -> list[int]:
+    """Response-token index where each step starts: 0, then one past each step end."""
+    ends = row.get("step_ends")
+    if ends is None or len(ends) != len(row["step_values"]):
+        raise _row_error(i, row, "step_values needs one step_ends entry per value")
+    if ends[-1] != n - 1:
+        raise _row_error(i, row, f"step_ends must end at the last response token ({n - 1})")
+    return [0, *(int(e) + 1 for e in ends[:-1])]

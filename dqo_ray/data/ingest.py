@@ -366,7 +366,8 @@ def ingest_file(path: str, store: TrajectoryStore, tokenizer, *, round: int = 0,
             traj_id = _hash(row["dataset"], row["prompt"], row["response"], row_no)
             row.update(traj_id=traj_id, round=round, policy_version=-1,
                        prompt_ids=tokenise.prompt(row["prompt"]), response_ids=response_ids,
-                       step_ends=None, step_rewards=None, ref_logprobs=None)
+                       step_ends=None, step_rewards=None, step_values=None,
+                       ref_logprobs=None)
             logprobs = row["behaviour_logprobs"]
             if logprobs is not None and len(logprobs) != len(response_ids):
                 eos = " (EOS included)" if row["finish_reason"] == "stop" else ""

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["traj_id", "round", "prompt_ids", "response_ids", "behaviour_logprobs",
                  "ref_logprobs", "reward", "correct", "finish_reason", "step_ends",
-                 "step_rewards"]
+                 "step_rewards", "step_values"]
 
 
 def _deterministic_context() -> None:

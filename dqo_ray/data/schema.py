@@ -17,6 +17,8 @@ A trajectory row is the unit every stage reads and writes through the store:
     finish_reason       str          "stop" (ended with EOS) or "length" (cut at the limit)
     step_ends           list<int32> | null     response-token index where each step ends
     step_rewards        list<float32> | null   shaped reward per step (needs step_ends)
+    step_values         list<float32> | null   Monte-Carlo P(correct) from the state where
+                                                each step starts (one per step_ends entry)
     ref_logprobs        list<float32> | null   log pi_ref(a_h|s_h); null until the reference
                                                 stage fills it
 
@@ -55,10 +57,12 @@ TRAJECTORY_SCHEMA = pa.schema([
     ("finish_reason", pa.string()),
     ("step_ends", pa.list_(pa.int32())),
     ("step_rewards", pa.list_(pa.float32())),
+    ("step_values", pa.list_(pa.float32())),
     ("ref_logprobs", pa.list_(pa.float32())),
 ])
 COLUMNS: tuple[str, ...] = tuple(TRAJECTORY_SCHEMA.names)
-NULLABLE_COLUMNS = frozenset({"behaviour_logprobs", "step_ends", "step_rewards", "ref_logprobs"})
+NULLABLE_COLUMNS = frozenset({"behaviour_logprobs", "step_ends", "step_rewards", "step_values",
+                              "ref_logprobs"})
 """Columns whose value may be null (or the key absent from a row dict)."""
 FINISH_REASONS = ("stop", "length")
 LOGPROB_TOLERANCE = 1e-4
@@ -214,6 +218,8 @@ _LIST_CHECKS: dict[str, Callable[[list], str | None]] = {
     "behaviour_logprobs": _check_logprobs,
     "step_ends": _check_int_list,
     "step_rewards": _check_float_list,
+    "step_values": lambda v: _check_float_list(v) or (
+        None if all(0 <= x <= 1 for x in v) else f"{v!r:.60} has an entry outside [0, 1]"),
     "ref_logprobs": _check_logprobs,
 }
 
@@ -259,18 +265,20 @@ def validate_row(row: Mapping[str, Any]) -> list[tuple[str, str]]:
         values = lists[column]
         if values is not None and len(values) != n:
             problems.append((column, f"has {len(values)} entries for {n} response tokens"))
-    ends, step_rewards = lists["step_ends"], lists["step_rewards"]
+    ends = lists["step_ends"]
     if ends is not None:
         if any(not 0 <= e < n for e in ends):
             problems.append(("step_ends", f"{ends!r:.60} has an entry outside [0, {n})"))
         elif any(b <= a for a, b in zip(ends, ends[1:], strict=False)):
             problems.append(("step_ends", f"{ends!r:.60} is not strictly increasing"))
-    if step_rewards is not None:
+    for column in ("step_rewards", "step_values"):
+        per_step = lists[column]
+        if per_step is None:
+            continue
         if row.get("step_ends") is None:
-            problems.append(("step_rewards", "is given without step_ends"))
-        elif ends is not None and len(ends) != len(step_rewards):
-            problems.append(("step_rewards", f"has {len(step_rewards)} entries for "
-                             f"{len(ends)} step_ends"))
+            problems.append((column, "is given without step_ends"))
+        elif ends is not None and len(ends) != len(per_step):
+            problems.append((column, f"has {len(per_step)} entries for {len(ends)} step_ends"))
     return problems
 
 
@@ -325,13 +333,15 @@ def _table_suspects(table: pa.Table) -> np.ndarray:
         rows(pc.equal(pc.list_value_length(cols[column]), 0))
     for column in ("prompt_ids", "response_ids", "step_ends"):
         elements(column, pc.less(pc.list_flatten(cols[column]), 0))
-    for column in ("behaviour_logprobs", "ref_logprobs", "step_rewards"):
+    for column in ("behaviour_logprobs", "ref_logprobs", "step_rewards", "step_values"):
         # float64 so the bound compares exactly as the Python check does
         flat = pc.cast(pc.list_flatten(cols[column]), pa.float64())
         mask = pc.invert(pc.is_finite(flat))
-        if column != "step_rewards":
+        if column in ("behaviour_logprobs", "ref_logprobs"):
             mask = pc.or_(mask, pc.greater(flat, LOGPROB_TOLERANCE))
             rows(pc.not_equal(pc.list_value_length(cols[column]), response_len))
+        elif column == "step_values":
+            mask = pc.or_(mask, pc.or_(pc.less(flat, 0), pc.greater(flat, 1)))
         elements(column, mask)
     ends = pc.list_flatten(cols["step_ends"])
     parents = pc.list_parent_indices(cols["step_ends"]).to_numpy()
@@ -340,9 +350,10 @@ def _table_suspects(table: pa.Table) -> np.ndarray:
     bad[parents[ends_np >= limit[parents]]] = True
     same_row = parents[1:] == parents[:-1]
     bad[parents[1:][same_row & (ends_np[1:] <= ends_np[:-1])]] = True
-    rows(pc.and_(pc.is_valid(cols["step_rewards"]), pc.is_null(cols["step_ends"])))
-    rows(pc.not_equal(pc.list_value_length(cols["step_rewards"]),
-                      pc.list_value_length(cols["step_ends"])))
+    for column in ("step_rewards", "step_values"):
+        rows(pc.and_(pc.is_valid(cols[column]), pc.is_null(cols["step_ends"])))
+        rows(pc.not_equal(pc.list_value_length(cols[column]),
+                          pc.list_value_length(cols["step_ends"])))
     return bad
 
 
