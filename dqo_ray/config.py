@@ -87,7 +87,7 @@ class ModelConfig:
     Later rounds train from newer checkpoints while pi_ref stays the base model."""
     value: str | None = None
     """Value model checkpoint; None initialises the value backbone from the policy checkpoint
-    with a zero scalar head [choice: separate network, algorithm doc section 2]."""
+    with a zero scalar head [choice: separate network, docs/algorithm.md section 2]."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto = bfloat16 on GPU, float32 on CPU."""
     gradient_checkpointing: bool = False
@@ -104,7 +104,7 @@ class ModelConfig:
 
 @dataclass
 class AlgoConfig:
-    """Loss and return settings. The defaults are the algorithm doc's."""
+    """Loss and return settings; docs/algorithm.md (section 9 lists every choice and default)."""
 
     name: Literal["dqo", "rft", "dpo", "dro"] = "dqo"
     beta: float = field(default=0.1, metadata=_range(gt=0))
@@ -114,7 +114,7 @@ class AlgoConfig:
     value_coef: float = field(default=1.0, metadata=_range(ge=0))
     """c_V in L_pi + c_V * L_V."""
     off_policy: Literal["none", "truncated", "sequence"] = "truncated"
-    """Importance correction for data from a behaviour policy mu (doc section 3)."""
+    """Importance correction for data from a behaviour policy mu (docs/algorithm.md section 3.3)."""
     trace_clip: float = field(default=1.0, metadata=_range(gt=0))
     """c_max for `truncated`: trace coefficient c = min(c_max, pi_theta / mu)."""
     sequence_weight_clip: float = field(default=1.0, metadata=_range(gt=0))
@@ -317,7 +317,7 @@ class WarmStartConfig:
 
 @dataclass
 class PipelineConfig:
-    """The offline-to-online driver (jobs/pipeline.py, algorithm doc section 6)."""
+    """The offline-to-online driver (jobs/pipeline.py, docs/algorithm.md section 6)."""
 
     rounds: int = field(default=2, metadata=_range(ge=1))
     """Training rounds. Round r trains on data rounds 0..r (mixed by data.round_weights),

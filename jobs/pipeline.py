@@ -4,7 +4,7 @@
     ray job submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml \\
         -- python -m jobs.pipeline --config FILE
 
-Stages (algorithm doc section 6), each recorded in run_dir/pipeline_state.json when done:
+Stages (docs/algorithm.md section 6), each recorded in run_dir/pipeline_state.json when done:
 
     start      the start policy: model.policy, or a tiny model built for the task; then the
                optional supervised warm start on gold solutions (cached by content)

@@ -25,15 +25,15 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)
 
-# Real GSM8K / MATH files (with licenses) beside the repo: ../shared/data.
-DATA = REPO.parent / "shared" / "data"
+# Real GSM8K / MATH files (with their licences), carried in the repository: data/README.md.
+DATA = REPO / "data"
 
 
-def shared_data(sub: str) -> Path:
-    """A folder of ../shared/data; skips the test (saying why) when it is not there."""
+def repo_data(sub: str) -> Path:
+    """A data set folder of the repository (data/gsm8k, data/math). They are committed, so a
+    missing one is a broken checkout: fail, never skip."""
     path = DATA / sub
-    if not path.is_dir():
-        pytest.skip(f"{path} not found: these tests need ../shared/data beside the repo")
+    assert path.is_dir(), f"{path} is missing: the repository's data folder is incomplete"
     return path
 
 

@@ -1,4 +1,4 @@
-"""A small token tree MDP with an exact soft-optimal solution (algorithm doc section 4).
+"""A small token tree MDP with an exact soft-optimal solution (docs/algorithm.md section 4).
 
 Tokens 0..K-1, token 0 is EOS. A state is the tuple of tokens so far; an episode ends at EOS
 or after `depth` tokens (the length limit is terminal here, V_H = 0, matching the default

@@ -1,4 +1,4 @@
-"""Algorithm doc section 4: DQO's losses have the soft-optimal policy/value as fixed point.
+"""docs/algorithm.md section 4: DQO's losses have the soft-optimal policy/value as fixed point.
 
 Tabular pi_theta (one logit row per state) and V_phi (one scalar per state) are trained with
 `dqo_loss` on trajectories sampled from a behaviour policy mu != pi_ref, and must converge to

@@ -1,8 +1,8 @@
 """Generation engines (actors/engines): real vLLM on CPU and real HF `generate`, checked against
 an HF forward pass of the same checkpoint.
 
-The behaviour log-probs must be those of the distribution actually sampled from (algorithm doc
-section 3): log_softmax(logits / T), renormalised over the top-p nucleus. Tolerances:
+The behaviour log-probs must be those of the distribution actually sampled from
+(docs/algorithm.md section 3.3): log_softmax(logits / T), renormalised over the top-p nucleus. Tolerances:
 - HF engine vs HF forward: 2e-5. Same model and kernels; only the batch shape (left padding,
   several prompts) and KV-cache vs full forward change the float summation order (measured
   <= 3e-6).

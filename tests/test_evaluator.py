@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import DATA, write_toy_store
+from conftest import repo_data, write_toy_store
 from PIL import Image
 
 from actors.engines import Sample
@@ -17,11 +17,10 @@ from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems
 from dqo_ray.train.ray_trainer import train_on_store
 
-needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
-
 
 def eval_config(tmp_path, datasets, limit, **extra):
-    sources = {"gsm8k": DATA / "gsm8k", "math500": DATA / "math", "math": DATA / "math"}
+    sources = {"gsm8k": repo_data("gsm8k"), "math500": repo_data("math"),
+               "math": repo_data("math")}
     overrides = [f"run.output_dir={tmp_path}", "run.name=ev", f"eval.datasets=[{datasets}]",
                  f"eval.limit={limit}", "eval.max_new_tokens=16", "generation.kv_cache_gb=0.25"]
     overrides += [f"eval.sources.{d}={sources[d]}" for d in datasets.split(",")]
@@ -33,7 +32,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@needs_data
 def test_scoring_twice_gives_identical_greedy_results(tmp_path, tiny_checkpoint):
     cfg = eval_config(tmp_path, "gsm8k", 6, **{"eval.engine": "vllm"})
     evaluator = Evaluator(cfg, str(tiny_checkpoint), cfg.run.run_dir)
@@ -65,7 +63,6 @@ class GoldAnswerEngine:
         pass
 
 
-@needs_data
 def test_gold_answers_score_100_percent(tmp_path, tiny_checkpoint):
     cfg = eval_config(tmp_path, "gsm8k,math500", 40, **{"eval.samples": 3})
     evaluator = Evaluator(cfg, str(tiny_checkpoint), cfg.run.run_dir,
@@ -88,7 +85,6 @@ def test_gold_answers_score_100_percent(tmp_path, tiny_checkpoint):
     assert "100.0" in report
 
 
-@needs_data
 @pytest.mark.ray
 def test_evaluator_actor_scores_checkpoints_while_training(tmp_path, tiny_checkpoint,
                                                           ray_address):

@@ -4,7 +4,7 @@ import threading
 import time
 
 import pytest
-from conftest import shared_data
+from conftest import repo_data
 
 from dqo_ray.tasks import (
     configure_grading,
@@ -31,7 +31,7 @@ def short_timeout():
 # --------------------------------------------------------------------------------------------
 
 def test_gold_sweep_gsm8k():
-    folder = shared_data("gsm8k")
+    folder = repo_data("gsm8k")
     problems = load_problems("gsm8k", str(folder), "train") + \
         load_problems("gsm8k", str(folder), "test")
     assert len(problems) == 7473 + 1319
@@ -42,7 +42,7 @@ def test_gold_sweep_gsm8k():
 
 
 def test_gold_sweep_math_test():
-    problems = load_problems("math", str(shared_data("math")), "test")
+    problems = load_problems("math", str(repo_data("math")), "test")
     assert len(problems) == 5000
     start = time.perf_counter()
     verdicts = grade_many("math", [p.solution for p in problems], [p.answer for p in problems])
@@ -51,7 +51,7 @@ def test_gold_sweep_math_test():
 
 
 def test_gold_sweep_math500_against_answer_field():
-    problems = load_problems("math500", str(shared_data("math")), "test")
+    problems = load_problems("math500", str(repo_data("math")), "test")
     assert len(problems) == 500
     verdicts = grade_many("math500", [p.solution for p in problems],
                           [p.answer for p in problems])
@@ -62,7 +62,7 @@ def test_math500_answers_verify_through_math_verify():
     """The string fast path settles the sweeps above; this sends all 500 MATH500 answers
     through math_verify itself (solution's box vs the `answer` field), so its parsing of every
     answer form in the set is checked too."""
-    problems = load_problems("math500", str(shared_data("math")), "test")
+    problems = load_problems("math500", str(repo_data("math")), "test")
     jobs = [(p.answer, extract_boxed(p.solution)) for p in problems]
     start = time.perf_counter()
     verdicts = grading_mod._POOL.run(jobs)
@@ -73,7 +73,7 @@ def test_math500_answers_verify_through_math_verify():
 @pytest.mark.slow
 def test_math_test_answers_verify_through_math_verify():
     """All 5000 MATH test answers, each against itself, through math_verify (~10 s/core)."""
-    problems = load_problems("math", str(shared_data("math")), "test")
+    problems = load_problems("math", str(repo_data("math")), "test")
     verdicts = grading_mod._POOL.run([(p.answer, p.answer) for p in problems])
     assert [p.problem_id for p, ok in zip(problems, verdicts, strict=True) if not ok] == []
 

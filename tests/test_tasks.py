@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_data
+from conftest import repo_data
 
 from dqo_ray.tasks import (
     DatasetFormatError,
@@ -22,12 +22,12 @@ from dqo_ray.tasks.prompts import prompt_format
 
 @pytest.fixture(scope="module")
 def gsm8k_train():
-    return load_problems("gsm8k", str(shared_data("gsm8k")), "train")
+    return load_problems("gsm8k", str(repo_data("gsm8k")), "train")
 
 
 @pytest.fixture(scope="module")
 def math_train():
-    return load_problems("math", str(shared_data("math")), "train")
+    return load_problems("math", str(repo_data("math")), "train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def math_train():
 # --------------------------------------------------------------------------------------------
 
 def test_gsm8k_counts_and_fields(gsm8k_train):
-    test = load_problems("gsm8k", str(shared_data("gsm8k")), "test")
+    test = load_problems("gsm8k", str(repo_data("gsm8k")), "test")
     assert (len(gsm8k_train), len(test)) == (7473, 1319)
     first = test[0]
     assert first.problem_id == "gsm8k/test/0" and first.dataset == "gsm8k"
@@ -51,7 +51,7 @@ def test_gsm8k_counts_and_fields(gsm8k_train):
 
 
 def test_math_counts_and_fields(math_train):
-    folder = str(shared_data("math"))
+    folder = str(repo_data("math"))
     test = load_problems("math", folder, "test")
     assert (len(math_train), len(test)) == (7500, 5000)
     by_id = {p.problem_id: p for p in test}
@@ -77,7 +77,7 @@ def test_math_counts_and_fields(math_train):
 
 
 def test_math500(math_train):
-    folder = str(shared_data("math"))
+    folder = str(repo_data("math"))
     m500 = load_problems("math500", folder, "test")
     assert len(m500) == 500
     first = m500[0]
@@ -94,7 +94,7 @@ def test_math500(math_train):
 
 
 def test_limit_and_direct_file(math_train):
-    folder = shared_data("math")
+    folder = repo_data("math")
     five = load_problems("math", str(folder), "train", limit=5)
     assert five == math_train[:5]
     assert load_problems("math", str(folder / "train.jsonl"), "train", limit=5) == five
@@ -108,7 +108,7 @@ def test_parquet_source_matches_jsonl(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    src = shared_data("gsm8k") / "test.jsonl"
+    src = repo_data("gsm8k") / "test.jsonl"
     rows = [json.loads(line) for line in src.read_text().splitlines()[:20]]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")
     from_parquet = load_problems("gsm8k", str(tmp_path), "test")
@@ -155,7 +155,7 @@ def test_hub_resolution_without_touching_the_hub():
     assert resolve_source("gsm8k", "openai/gsm8k", "test") == ("openai/gsm8k", "main")
     assert resolve_source("math500", None, "test") == ("HuggingFaceH4/MATH-500", None)
     assert resolve_source("math", "someone/math:algebra", "test") == ("someone/math", "algebra")
-    folder = shared_data("math")
+    folder = repo_data("math")
     assert resolve_source("math500", str(folder), "test") == folder / "math500_test.jsonl"
     assert resolve_source("math", str(folder), "test") == folder / "test.jsonl"
 
@@ -210,7 +210,7 @@ def test_exemplars_deterministic_and_train_only(gsm8k_train):
                                          select_exemplars(gsm8k_train, 8, seed=1)]
     assert len({p.problem_id for p in a}) == 8
     assert all(p.problem_id.startswith("gsm8k/train/") for p in a)
-    test = load_problems("gsm8k", str(shared_data("gsm8k")), "test", limit=50)
+    test = load_problems("gsm8k", str(repo_data("gsm8k")), "test", limit=50)
     with pytest.raises(ValueError, match="train split"):
         select_exemplars(test, 2, seed=0)
     with pytest.raises(ValueError, match="asked for 9"):
@@ -237,7 +237,7 @@ def test_math_k_shot_chat_prompt(math_train, tiny_checkpoint):
     tok = load_tokenizer(tiny_checkpoint)
     shots = select_exemplars(math_train, 4, seed=3)
     assert shots == select_exemplars(math_train, 4, seed=3)
-    problem = load_problems("math500", str(shared_data("math")), "test", limit=1)[0]
+    problem = load_problems("math500", str(repo_data("math")), "test", limit=1)[0]
     prompt = build_prompt(problem, tok, task="math500", k_shot=4, exemplars=shots)
     assert prompt.count("user: ") == 5 and prompt.count("\nassistant: ") == 4
     assert prompt.endswith(f"{problem.question}\nassistant:")

@@ -2,7 +2,7 @@
 
 Two implementations: `VLLMEngine` (in-process `vllm.LLM`) and `HFEngine` (transformers
 `generate`). Both return, per sampled token, the log-probability under the distribution it was
-actually drawn from (algorithm doc section 3): softmax(logits / temperature), renormalised over
+actually drawn from (docs/algorithm.md section 3.3): softmax(logits / temperature), renormalised over
 the top-p nucleus. Greedy decoding (temperature 0) reports the untempered log-probs.
 
 A response that ends with EOS has finish_reason "stop" and keeps the EOS token (and its log-prob)

@@ -1,4 +1,4 @@
-"""Baseline losses on the same inputs as DQO (algorithm doc section 7).
+"""Baseline losses on the same inputs as DQO (docs/algorithm.md section 7).
 
     RFT  cross-entropy on correct responses only.
     DPO  rows come in pairs (2i = chosen/correct, 2i+1 = rejected/incorrect, same prompt);

@@ -1,4 +1,4 @@
-"""The DQO losses (algorithm doc sections 2-3), pure torch over padded [B, T] tensors.
+"""The DQO losses (docs/algorithm.md sections 2-3), pure torch over padded [B, T] tensors.
 
     Q_theta(s_h, a_h) = beta*l_h + V_phi(s_h),   l_h = log pi_theta(a_h|s_h) - log pi_ref(a_h|s_h)
     eps_h = beta*l_h + V_h - Q^lam_h                                  (shared residual)

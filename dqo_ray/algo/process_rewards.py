@@ -1,4 +1,4 @@
-"""Monte-Carlo process rewards (algorithm doc section 5), pure logic.
+"""Monte-Carlo process rewards (docs/algorithm.md section 5), pure logic.
 
 A response is split into reasoning steps at a delimiter (default: newline). For the prefix
 ending after step k, m completions from the current policy estimate p_k = P(correct | prefix);

@@ -1,4 +1,4 @@
-"""Soft lambda-returns for DQO (algorithm doc section 3), with Retrace-style trace cutting.
+"""Soft lambda-returns for DQO (docs/algorithm.md section 3.1), with Retrace-style trace cutting.
 
 Notation per response token h = 0..H-1 of one trajectory:
     r_h  reward,  V_h = V_phi(s_h),  l_h = log pi_theta(a_h|s_h) - log pi_ref(a_h|s_h),

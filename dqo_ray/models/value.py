@@ -1,4 +1,4 @@
-"""Value model V_phi(s_h): a causal-LM backbone plus a scalar head (algorithm doc section 2).
+"""Value model V_phi(s_h): a causal-LM backbone plus a scalar head (docs/algorithm.md section 2).
 
 V(s_h) is read from the hidden state at the position just before a_h, i.e. the same position
 whose logits score a_h. So for input ids x[0..L-1], `forward(...)[:, t]` is V of the state
