@@ -41,7 +41,7 @@ from dqo_ray.config import Config, ConfigError, add_config_args, config_from_arg
 from dqo_ray.config import to_dict as config_to_dict
 from dqo_ray.data.ingest import IngestError, ingest_file
 from dqo_ray.data.pipeline import score_reference
-from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.data.store import StoreError, TrajectoryStore
 from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
@@ -308,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resuming %s (start %d): finished stages %s", state.path, state.attempt,
                  ", ".join(state.stages) or "none")
     init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
-    Pipeline(cfg, state).run()
+    try:
+        Pipeline(cfg, state).run()
+    except StoreError as exc:  # damaged data: named, with what to do; re-running resumes
+        print(exc, file=sys.stderr)
+        return 2
     results = read_results(cfg.run.run_dir)
     print(round_table(results))
     print(f"run folder: {Path(cfg.run.run_dir).absolute()} (report.md, accuracy.png, "

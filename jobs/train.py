@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dqo_ray.config import ConfigError, add_config_args, config_from_args, save_resolved
 from dqo_ray.data.pipeline import score_reference
-from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.data.store import StoreError, TrajectoryStore
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import init_ray
 from dqo_ray.train.ray_trainer import train_on_store
@@ -41,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.ray)
     store = TrajectoryStore(cfg.store)
     pad_id = load_tokenizer(policy).pad_token_id
-    score_reference(store, reference, pad_id, cfg.data.rounds or None, cfg.data.ref_actors,
-                    cfg.data.ref_batch_size, cfg.trainer.use_gpu)
-    result = train_on_store(cfg, policy, pid_file=args.kill_rank1_pid_file)
+    try:
+        score_reference(store, reference, pad_id, cfg.data.rounds or None, cfg.data.ref_actors,
+                        cfg.data.ref_batch_size, cfg.trainer.use_gpu)
+        result = train_on_store(cfg, policy, pid_file=args.kill_rank1_pid_file)
+    except StoreError as exc:  # damaged data: named, with what to do; not a traceback
+        print(exc, file=sys.stderr)
+        return 2
     print(f"final checkpoint: {result.checkpoint}")
     print(f"policy (HF format, loadable by vLLM): {result.policy}")
     print(f"all checkpoints: {Path(result.checkpoint).parent}")

@@ -124,3 +124,20 @@ def test_value_warmup_freezes_the_policy_then_trains_it(tiny_checkpoint, tmp_pat
     # step 1 (cosine start, full lr) while the value model has done all 3 (decayed to 0).
     last = reports[-1][0]
     assert last["lr_policy"] == pytest.approx(1e-3) and last["lr_value"] == pytest.approx(0.0)
+
+
+class Payload:
+    """Stands for any pickled object: unpickling one can run arbitrary code."""
+
+
+def test_torch_resume_state_refuses_pickled_objects(tmp_path):
+    from dqo_ray.train.engines import TorchTrainEngine
+
+    cfg = load_config(None, ["trainer.engine=torch"]).trainer
+    engine = TorchTrainEngine(torch.nn.Linear(3, 2), 1e-3, cfg)
+    engine.save(tmp_path)
+    engine.load(tmp_path)  # its own state: tensors and plain containers only
+    state = torch.load(tmp_path / "torch_state.pt", weights_only=True)
+    torch.save({**state, "extra": Payload()}, tmp_path / "torch_state.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.load(tmp_path)

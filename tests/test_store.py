@@ -3,6 +3,7 @@ corrupt files and row validation messages."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from dqo_ray.data.schema import (
     validate_table,
 )
 from dqo_ray.data.store import TrajectoryStore
+from jobs import store as store_job
 
 
 def make_row(i: int, round: int = 0, **overrides) -> dict:
@@ -150,13 +152,16 @@ def test_crash_before_marker_leaves_invisible_orphan_that_gc_removes(store, monk
 def test_temp_files_are_never_visible_and_are_cleaned(store, monkeypatch):
     root = Path(store._root)
     seen_during_write = []
-    real_write = store_module.pq.write_table
+    real_write = TrajectoryStore._write_bytes_atomic
 
-    def spying_write(table, out, **kwargs):
-        real_write(table, out, **kwargs)
-        seen_during_write.append((files(root), store.shards()))
+    def spying_write(self, relative, write):
+        def recording(out):
+            write(out)
+            if relative.endswith(".parquet"):
+                seen_during_write.append((files(root), store.shards()))
+        real_write(self, relative, recording)
 
-    monkeypatch.setattr(store_module.pq, "write_table", spying_write)
+    monkeypatch.setattr(TrajectoryStore, "_write_bytes_atomic", spying_write)
     info = store.write_shard([make_row(0)], round=0, name="s")
     (during, visible), = seen_during_write
     assert len(during) == 1 and during[0].startswith("round=0/.tmp-")
@@ -165,11 +170,13 @@ def test_temp_files_are_never_visible_and_are_cleaned(store, monkeypatch):
     assert files(root) == ["manifest/s.json", "round=0/s.parquet"]
 
     # a write that dies half way removes its temp file and shows nothing
-    def dying_write(table, out, **kwargs):
-        out.write(b"PAR1 partial")
-        raise OSError("disk full")
+    def dying_write(self, relative, write):
+        def partial(out):
+            out.write(b"PAR1 partial")
+            raise OSError("disk full")
+        real_write(self, relative, partial)
 
-    monkeypatch.setattr(store_module.pq, "write_table", dying_write)
+    monkeypatch.setattr(TrajectoryStore, "_write_bytes_atomic", dying_write)
     with pytest.raises(OSError, match="disk full"):
         store.write_shard([make_row(1)], round=0, name="t")
     assert files(root) == ["manifest/s.json", "round=0/s.parquet"]
@@ -235,11 +242,81 @@ def test_corrupt_or_missing_file_names_the_shard_file(store):
     info = store.write_shard([make_row(0)], round=0, name="s")
     path = Path(store.paths([info])[0])
     path.write_bytes(b"not parquet at all")
-    with pytest.raises(StoreError, match=re.escape(f"shard 's': cannot read {path}")):
+    with pytest.raises(StoreError, match=re.escape(f"shard 's' (round 0, {path}): cannot be "
+                                                   "read: Parquet magic bytes not found")):
         store.read_table()
     path.unlink()
-    with pytest.raises(StoreError, match=re.escape(f"shard 's': cannot read {path}")):
+    with pytest.raises(StoreError, match=re.escape(f"shard 's' (round 0, {path}): cannot be")):
         store.traj_ids()
+
+
+def damage_file(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one flipped byte in the middle: same size, still a Parquet footer
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_damaged_shard_is_found_named_and_quarantined(store, how):
+    good = store.write_shard([make_row(i) for i in range(4)], round=0, name="good")
+    bad = store.write_shard([make_row(i, round=1) for i in range(4, 8)], round=1, name="bad")
+    assert bad.size == Path(store.paths([bad])[0]).stat().st_size and len(bad.sha256) == 64
+    assert store.verify() == []
+    path = Path(store.paths([bad])[0])
+    damage_file(path, how)
+
+    (shard, problem), = store.verify()
+    assert shard == bad
+    assert problem.startswith("its file has" if how == "truncated" else "its file's SHA-256 is")
+    with pytest.raises(StoreError) as info:
+        store.check()
+    text = str(info.value)
+    assert f"shard 'bad' (round 1, {path}): {problem}" in text
+    assert "python -m jobs.store verify --config FILE --quarantine" in text
+    store.check([good])  # the intact shard alone passes
+
+    folder = store.quarantine(bad)
+    assert store.shards() == [good] and store.verify() == []
+    assert sorted(files(Path(store._root))) == [
+        "manifest/good.json", f"{folder}/bad.json", f"{folder}/bad.parquet",
+        "round=0/good.parquet"]
+    assert store.gc(older_than_s=0) == []  # quarantine is never collected
+    assert len(store.read_table()) == 4
+
+
+def test_markers_without_checksums_are_checked_by_parsing(store):
+    info = store.write_shard([make_row(0)], round=0, name="s")
+    marker = Path(store._root) / "manifest" / "s.json"
+    raw = json.loads(marker.read_text())
+    del raw["size"], raw["sha256"]
+    marker.write_text(json.dumps(raw))  # as written before checksums existed
+    (old,) = store.shards()
+    assert old.size is None and store.verify() == []
+    Path(store.paths([info])[0]).write_bytes(b"PAR1 not really")
+    assert "not readable Parquet" in store.verify()[0][1]
+
+
+def test_store_verify_job_lists_and_quarantines(tmp_path, capsys):
+    store = TrajectoryStore(tmp_path / "store")
+    store.write_shard([make_row(0)], round=0, name="fine")
+    bad = store.write_shard([make_row(1)], round=0, name="broken")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {{store: {tmp_path / 'store'}}}\n")
+    assert store_job.main(["verify", "--config", str(cfg)]) == 0
+    assert "2 shards, 2 rows checked" in capsys.readouterr().out
+    damage_file(Path(store.paths([bad])[0]), "truncated")
+    assert store_job.main(["verify", "--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "broken        1 rows  DAMAGED: its file has" in out and "1 damaged" in out
+    assert [s.name for s in store.shards()] == ["broken", "fine"]
+    assert store_job.main(["verify", "--config", str(cfg), "--quarantine"]) == 0
+    assert "-> moved to quarantine/broken" in capsys.readouterr().out
+    assert [s.name for s in store.shards()] == ["fine"]
+    assert store_job.main(["verify", "--config", str(cfg), "--set", "data.stor=x"]) == 2
+    assert "data.stor: unknown key" in capsys.readouterr().err
 
 
 def test_corrupt_marker_is_reported(store):

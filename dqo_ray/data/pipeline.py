@@ -241,6 +241,7 @@ def score_reference(store: TrajectoryStore, model_path: str, pad_id: int,
     if not pending:
         log.info("reference stage: every shard already has ref_logprobs")
         return 0
+    store.check(pending)  # a damaged file is named here, not deep inside a Ray Data read
     by_path = dict(zip(store.paths(pending), pending, strict=True))
     total = sum(s.num_rows for s in pending)
     log.info("reference stage: %d rows in %d shards, %d actor(s)", total, len(pending), actors)

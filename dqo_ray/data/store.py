@@ -6,12 +6,18 @@ it must never show a half-written shard, on a local disk or on an object store. 
     <root>/round=<k>/<name>.parquet          data of shard <name>, version 1
     <root>/round=<k>/<name>.v<n>.parquet     version n >= 2 (rewritten by replace_shard)
     <root>/manifest/<name>.json              commit marker = the ShardInfo of the live version
+    <root>/quarantine/...                    damaged shards moved aside by `quarantine`
 
 A shard is visible only through its marker, and the marker is written last: a crash before it
 leaves an orphan Parquet file that no reader sees and `gc()` deletes later. Each file write is
 itself atomic: on a local filesystem it goes to `.tmp-<uuid>-<name>` in the same folder and is
 renamed into place (rename is atomic within a filesystem); on object stores (S3, GCS) a single
 PUT is atomic, so the object is written under its final name directly.
+
+Each marker records its file's byte size and SHA-256, so a file damaged after the commit
+(a truncated copy, flipped bytes) is found before anything trains on it: `check` raises an
+error naming the shard, `verify` lists every damaged shard, and `quarantine` moves one aside
+(never deletes) so the rest of the store stays usable.
 
 Shard names are unique across rounds (the manifest is flat). Readers get paths in the
 filesystem's namespace (`paths`, with `filesystem`) or full URIs (`uri`), e.g. for
@@ -24,6 +30,7 @@ by the manifest, never glob the folders: those may hold orphans.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +62,7 @@ __all__ = ["ShardInfo", "StoreError", "TrajectoryStore"]
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "manifest"
+QUARANTINE_DIR = "quarantine"
 TMP_PREFIX = ".tmp-"
 # A name must be one path component, and must not end in ".v<n>": "x.v2" at version 1 would
 # share the file name of shard "x" at version 2.
@@ -70,7 +78,8 @@ class ShardInfo:
     name: unique across the store; round: its generation round; path: its Parquet file,
     relative to the store root; num_rows; has_ref_logprobs: every row has ref_logprobs;
     policy_version: the newest policy version among its rows; created: ISO-8601 UTC time the
-    shard was first written; version: 1 at write_shard, +1 per replace_shard.
+    shard was first written; version: 1 at write_shard, +1 per replace_shard; size, sha256:
+    the file's byte size and SHA-256 hex digest (None in markers written before they existed).
     """
 
     name: str
@@ -81,6 +90,8 @@ class ShardInfo:
     policy_version: int
     created: str
     version: int = 1
+    size: int | None = None
+    sha256: str | None = None
 
 
 _SHARD_FIELDS = tuple(f.name for f in fields(ShardInfo))
@@ -167,10 +178,14 @@ class TrajectoryStore:
                 pass  # gc() removes it later
             raise
 
-    def _write_parquet(self, relative: str, table: pa.Table) -> None:
+    def _write_parquet(self, relative: str, table: pa.Table) -> tuple[int, str]:
+        """Writes the table; returns the file's (byte size, SHA-256) for its marker."""
+        sink = pa.BufferOutputStream()
         # zstd: smaller files than the default snappy for id/log-prob lists, similar read speed.
-        self._write_bytes_atomic(relative, lambda out: pq.write_table(
-            table, out, compression="zstd"))
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        self._write_bytes_atomic(relative, lambda out: out.write(data))
+        return data.size, hashlib.sha256(data).hexdigest()
 
     def _write_marker(self, info: ShardInfo) -> None:
         data = (json.dumps(asdict(info), indent=1) + "\n").encode()
@@ -290,10 +305,11 @@ class TrajectoryStore:
             raise StoreError(f"shard {name!r} already exists in {self.root}")
         table = self._prepare(rows, round, source)
         has_ref, policy_version = self._summary(table)
-        info = ShardInfo(name=name, round=round, path=_shard_file(name, round, 1),
-                         num_rows=table.num_rows, has_ref_logprobs=has_ref,
-                         policy_version=policy_version, created=_now(), version=1)
-        self._write_parquet(info.path, table)
+        path = _shard_file(name, round, 1)
+        size, sha256 = self._write_parquet(path, table)
+        info = ShardInfo(name=name, round=round, path=path, num_rows=table.num_rows,
+                         has_ref_logprobs=has_ref, policy_version=policy_version,
+                         created=_now(), version=1, size=size, sha256=sha256)
         self._write_marker(info)  # the commit point
         log.info("store %s: wrote shard %s (round %d, %d rows)", self.root, name, round,
                  info.num_rows)
@@ -327,12 +343,12 @@ class TrajectoryStore:
                              f"e.g. {gone[:3]}; {len(added)} new, e.g. {added[:3]})")
         has_ref, policy_version = self._summary(new)
         version = current.version + 1
-        info = ShardInfo(name=current.name, round=current.round,
-                         path=_shard_file(current.name, current.round, version),
+        path = _shard_file(current.name, current.round, version)
+        size, sha256 = self._write_parquet(path, new)
+        info = ShardInfo(name=current.name, round=current.round, path=path,
                          num_rows=new.num_rows, has_ref_logprobs=has_ref,
                          policy_version=policy_version, created=current.created,
-                         version=version)
-        self._write_parquet(info.path, new)
+                         version=version, size=size, sha256=sha256)
         self._write_marker(info)  # the commit point
         self._delete(current.path)
         log.info("store %s: replaced shard %s (version %d)", self.root, info.name, version)
@@ -347,7 +363,7 @@ class TrajectoryStore:
                 # ParquetFile reads just this file: no Hive partition discovery from round=<k>.
                 table = pq.ParquetFile(f).read(columns=columns)
         except (OSError, pa.ArrowException) as exc:
-            raise StoreError(f"shard {shard.name!r}: cannot read {self.uri(shard)}: {exc}") \
+            raise StoreError(self._damaged_message([(shard, f"cannot be read: {exc}")])) \
                 from exc
         expected = TRAJECTORY_SCHEMA if columns is None else \
             pa.schema([TRAJECTORY_SCHEMA.field(c) for c in columns])
@@ -381,6 +397,65 @@ class TrajectoryStore:
         """Every committed traj_id (of the given rounds), reading only that column."""
         table = self.read_table(self.shards(rounds), columns=["traj_id"])
         return set(table.column("traj_id").to_pylist())
+
+    # ---------------------------------------------------------------- integrity
+
+    def damage(self, shard: ShardInfo) -> str | None:
+        """What is wrong with the shard's file (missing, size or checksum differing from its
+        marker, not Parquet), or None when it is intact. Reads the whole file."""
+        path = self._abs(shard.path)
+        try:
+            with self._fs.open_input_stream(path) as f:
+                data = f.read()
+        except FileNotFoundError:
+            return "its file is missing"
+        except (OSError, pa.ArrowException) as exc:
+            return f"its file cannot be read: {exc}"
+        if shard.size is not None and len(data) != shard.size:
+            return f"its file has {len(data)} bytes, its marker says {shard.size}"
+        if shard.sha256 is not None:
+            digest = hashlib.sha256(data).hexdigest()
+            return None if digest == shard.sha256 else \
+                f"its file's SHA-256 is {digest[:12]}..., its marker says {shard.sha256[:12]}..."
+        try:  # a marker from before checksums: at least the file must parse
+            pq.ParquetFile(pa.BufferReader(data)).read(columns=["traj_id"])
+        except (OSError, pa.ArrowException) as exc:
+            return f"its file is not readable Parquet: {exc}"
+        return None
+
+    def verify(self, shards: Iterable[ShardInfo] | None = None) -> list[tuple[ShardInfo, str]]:
+        """(shard, what is wrong) for every damaged shard among `shards` (default: all)."""
+        checked = self.shards() if shards is None else shards
+        return [(s, problem) for s in checked if (problem := self.damage(s)) is not None]
+
+    def check(self, shards: Iterable[ShardInfo] | None = None) -> None:
+        """Raises StoreError naming every damaged shard (its round, file and what to do)."""
+        damaged = self.verify(shards)
+        if damaged:
+            raise StoreError(self._damaged_message(damaged))
+
+    def _damaged_message(self, damaged: list[tuple[ShardInfo, str]]) -> str:
+        lines = [f"shard {s.name!r} (round {s.round}, {self.uri(s)}): {problem}"
+                 for s, problem in damaged]
+        return (f"store {self.root}: {len(damaged)} damaged shard(s):\n  " + "\n  ".join(lines)
+                + "\nMove them aside with `python -m jobs.store verify --config FILE "
+                "--quarantine` (nothing is deleted) and the rest of the store trains on.")
+
+    def quarantine(self, shard: ShardInfo) -> str:
+        """Moves a shard's file and then its marker under quarantine/ (the shard leaves the
+        store; nothing is deleted); returns the quarantine folder, relative to the root."""
+        folder = f"{QUARANTINE_DIR}/{shard.name}"
+        self._fs.create_dir(self._abs(folder), recursive=True)
+        data = self._abs(shard.path)
+        if self._fs.get_file_info(data).type == pafs.FileType.File:
+            self._fs.move(data, self._abs(f"{folder}/{shard.path.rsplit('/', 1)[-1]}"))
+        # The marker goes last: until it moves, the shard reads as missing, never as orphan
+        # data that gc() would delete.
+        self._fs.move(self._abs(f"{MANIFEST_DIR}/{shard.name}.json"),
+                      self._abs(f"{folder}/{shard.name}.json"))
+        log.warning("store %s: quarantined shard %s (round %d, %d rows) in %s", self.root,
+                    shard.name, shard.round, shard.num_rows, folder)
+        return folder
 
     # ---------------------------------------------------------------- maintenance
 

@@ -183,7 +183,8 @@ class TorchTrainEngine:
                    Path(path) / "torch_state.pt")
 
     def load(self, path: str | os.PathLike) -> None:
-        state = torch.load(Path(path) / "torch_state.pt", map_location="cpu", weights_only=False)
+        # Tensors and plain containers only: a crafted file cannot run code when loaded.
+        state = torch.load(Path(path) / "torch_state.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

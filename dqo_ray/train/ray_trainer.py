@@ -114,6 +114,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     missing = [s.name for s in shards if not s.has_ref_logprobs]
     if missing:
         raise ValueError(f"shards {missing[:5]} lack ref_logprobs: run the reference stage")
+    store.check(shards)  # before any worker reads them: a damaged shard is named, not raised
     run_dir = Path(run_dir or cfg.run.run_dir).absolute()
     policy_path = str(Path(policy_path).absolute())  # workers run in their own folder
     if cfg.model.value is not None and cfg.algo.has_value_model:  # rft/dpo ignore it
