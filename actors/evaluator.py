@@ -33,7 +33,8 @@ from dqo_ray.evaluation import (
     write_report,
 )
 from dqo_ray.models import load_tokenizer
-from dqo_ray.runtime import node_info
+from dqo_ray.runtime import node_info, node_name
+from dqo_ray.storage import not_visible, removed_by_retention, require_visible
 from dqo_ray.tasks import grade_many
 from dqo_ray.tasks.items import PromptItem, load_items
 
@@ -45,8 +46,11 @@ class Evaluator:
                  engine: GenerationEngine | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         ecfg = cfg.eval
+        if engine is None:
+            require_visible(model_path, node_name(), "the evaluator")
         self.engine = engine or make_engine(ecfg.engine, model_path, seed=cfg.run.seed,
-                                            kv_cache_gb=cfg.generation.kv_cache_gb)
+                                            kv_cache_gb=cfg.generation.kv_cache_gb,
+                                            dtype=cfg.model.dtype)
         self.loaded = model_path
         tokenizer = load_tokenizer(model_path)
         self.items: dict[str, list[PromptItem]] = {}
@@ -56,6 +60,7 @@ class Evaluator:
             self.items[name] = load_items(task, tokenizer, cfg.run.seed)
         self._lock = threading.Lock()  # one evaluation at a time on the engine
         self._watchers: dict[Path, tuple[threading.Thread, threading.Event]] = {}
+        self._failures: dict[Path, Exception] = {}  # a followed run's error, for stop_watching
         # A restarted run must not score a checkpoint twice: results.jsonl says what is done.
         self._seen: set[str] = {str(r.get("checkpoint")) for r in read_results(self.run_dir)}
 
@@ -67,7 +72,11 @@ class Evaluator:
         with self._lock:
             start = time.perf_counter()
             if checkpoint != self.loaded:
-                self.engine.load_weights(checkpoint)
+                try:
+                    self.engine.load_weights(checkpoint)
+                except Exception:  # the clear error when the folder is not on this node
+                    require_visible(checkpoint, node_name(), "the evaluator")
+                    raise
                 self.loaded = checkpoint
             rows = [self._score(name, items, checkpoint, step, round)
                     for name, items in self.items.items()]
@@ -149,28 +158,41 @@ class Evaluator:
 
     def _follow(self, run: Path, round: int | None, poll_s: float, step_offset: int,
                 stop: threading.Event) -> None:
-        while True:
-            stopping = stop.is_set()  # read before the scan: drain once after stop
-            for step, path in self._pending(run):
-                self._seen.add(str(path))
-                if not path.exists():
-                    log.warning("checkpoint %s was removed (num_to_keep) before evaluation",
-                                path)
-                    continue
-                self.evaluate(str(path), step + step_offset, round)
-            if stopping:
-                return
-            time.sleep(poll_s)
+        try:
+            while True:
+                stopping = stop.is_set()  # read before the scan: drain once after stop
+                for step, path in self._pending(run):
+                    self._seen.add(str(path))
+                    if not path.exists():
+                        existing = [int(p.name.removeprefix("checkpoint-"))
+                                    for p in (run / "train").glob("checkpoint-*")
+                                    if p.name.removeprefix("checkpoint-").isdigit()]
+                        if not removed_by_retention(step, existing):
+                            raise not_visible(path, node_name(), "the evaluator")
+                        log.warning("checkpoint %s was removed (trainer.num_to_keep) before "
+                                    "evaluation", path)
+                        continue
+                    self.evaluate(str(path), step + step_offset, round)
+                if stopping:
+                    return
+                time.sleep(poll_s)
+        except Exception as exc:  # the thread dies: its error waits for stop_watching
+            log.error("evaluator: stopped following %s: %s", run, exc)
+            self._failures[run] = exc
 
     def stop_watching(self, train_run_dir: str | None = None) -> int:
         """Stops following `train_run_dir` (default: every run) after evaluating every
-        checkpoint announced so far; returns how many checkpoints were evaluated in total."""
+        checkpoint announced so far; returns how many checkpoints were evaluated in total.
+        Raises the error that stopped following a run (a checkpoint this node cannot see)."""
         runs = [Path(train_run_dir)] if train_run_dir else list(self._watchers)
         for run in runs:
             if run in self._watchers:
                 thread, stop = self._watchers.pop(run)
                 stop.set()
                 thread.join()
+        failures = [self._failures.pop(run) for run in runs if run in self._failures]
+        if failures:  # e.g. a checkpoint this node cannot see
+            raise failures[0]
         return len(self._seen)
 
 
