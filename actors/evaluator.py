@@ -125,19 +125,22 @@ class Evaluator:
     # -- following a training run -----------------------------------------------------------
 
     def watch(self, train_run_dir: str, round: int | None = None, poll_s: float = 1.0,
-              step_offset: int = 0) -> None:
+              step_offset: int = 0, visible_within_s: float = 120.0) -> None:
         """Evaluates every checkpoint a training run commits, in a background thread, until
         `stop_watching`; several runs can be followed at once. The actor is threaded, so its
         calls may run out of order: wait for `watch` before sending the `stop_watching`. Checkpoints are announced by
         rank 0's metrics file (a line with checkpoint=true is written after Ray committed
         checkpoint-<step>); results are recorded at step + step_offset (a pipeline's rounds
-        each count steps from 1)."""
+        each count steps from 1). An announced checkpoint this node has not seen within
+        `visible_within_s` (shared file systems cache directory listings for a while) stops the
+        following with CheckpointNotVisible, raised by `stop_watching`."""
         run = Path(train_run_dir)
         if run in self._watchers:
             return
         stop = threading.Event()
         thread = threading.Thread(target=self._follow, args=(run, round, poll_s, step_offset,
-                                                             stop), daemon=True)
+                                                             stop, visible_within_s),
+                                  daemon=True)
         thread.start()  # before it is registered: stop_watching may join it at once
         self._watchers[run] = (thread, stop)
 
@@ -157,23 +160,29 @@ class Evaluator:
         return found
 
     def _follow(self, run: Path, round: int | None, poll_s: float, step_offset: int,
-                stop: threading.Event) -> None:
+                stop: threading.Event, visible_within_s: float) -> None:
+        missing_since: dict[Path, float] = {}  # announced, not (yet) seen on this node
         try:
             while True:
                 stopping = stop.is_set()  # read before the scan: drain once after stop
                 for step, path in self._pending(run):
-                    self._seen.add(str(path))
                     if not path.exists():
                         existing = [int(p.name.removeprefix("checkpoint-"))
                                     for p in (run / "train").glob("checkpoint-*")
                                     if p.name.removeprefix("checkpoint-").isdigit()]
-                        if not removed_by_retention(step, existing):
+                        if removed_by_retention(step, existing):
+                            missing_since.pop(path, None)
+                            self._seen.add(str(path))
+                            log.warning("checkpoint %s was removed (trainer.num_to_keep) "
+                                        "before evaluation", path)
+                        elif (time.monotonic() - missing_since.setdefault(path, time.monotonic())
+                              > visible_within_s):
                             raise not_visible(path, node_name(), "the evaluator")
-                        log.warning("checkpoint %s was removed (trainer.num_to_keep) before "
-                                    "evaluation", path)
-                        continue
+                        continue  # else looked for again at the next poll
+                    missing_since.pop(path, None)
+                    self._seen.add(str(path))
                     self.evaluate(str(path), step + step_offset, round)
-                if stopping:
+                if stopping and not missing_since:
                     return
                 time.sleep(poll_s)
         except Exception as exc:  # the thread dies: its error waits for stop_watching

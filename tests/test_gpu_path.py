@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -274,10 +275,22 @@ def test_evaluator_names_path_and_node_of_a_checkpoint_it_cannot_see(tmp_path,
         evaluator.watch(str(run), 0, 0.05)
         assert evaluator.stop_watching(str(run)) >= 2
     assert "checkpoint-0000004/policy was removed (trainer.num_to_keep)" in caplog.text
-    with open(run / "train_metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 12, "checkpoint": True}) + "\n")
-    evaluator.watch(str(run), 0, 0.05)
-    with pytest.raises(CheckpointNotVisible, match=r"checkpoint-0000012/policy is not visible "
+
+    def announce(step):
+        with open(run / "train_metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "checkpoint": True}) + "\n")
+
+    # Shared file systems may show a new folder late: looked for again until it appears ...
+    announce(12)
+    evaluator.watch(str(run), 0, 0.05, visible_within_s=60)
+    time.sleep(0.3)
+    shutil.copytree(tiny_checkpoint, run / "train" / "checkpoint-0000012" / "policy")
+    evaluator.stop_watching(str(run))
+    assert str(run / "train" / "checkpoint-0000012" / "policy") in evaluator._seen
+    # ... and an error naming path and node when it never does.
+    announce(16)
+    evaluator.watch(str(run), 0, 0.05, visible_within_s=0.5)
+    with pytest.raises(CheckpointNotVisible, match=r"checkpoint-0000016/policy is not visible "
                                                    r"to the evaluator on node"):
         evaluator.stop_watching(str(run))
 
