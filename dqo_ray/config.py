@@ -89,7 +89,8 @@ class ModelConfig:
     """Value model checkpoint; None initialises the value backbone from the policy checkpoint
     with a zero scalar head [choice: separate network, docs/algorithm.md section 2]."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto = bfloat16 on GPU, float32 on CPU."""
+    """auto = bfloat16 on GPU, float32 on CPU, decided by each process from what it has
+    (dqo_ray.device): train workers (bf16 keeps fp32 master weights), engines, evaluator."""
     gradient_checkpointing: bool = False
     tiny_hidden_size: int = field(default=128, metadata=_range(ge=8))
     tiny_layers: int = field(default=4, metadata=_range(ge=1))
@@ -155,7 +156,8 @@ class TrainerConfig:
     cpus_per_worker: float = field(default=0.5, metadata=_range(gt=0))
     use_gpu: bool = False
     engine: Literal["auto", "deepspeed", "torch"] = "auto"
-    """auto = DeepSpeed where it imports, else plain torch DDP (logged)."""
+    """auto = DeepSpeed; a DeepSpeed that does not import is an error on a GPU worker (and for
+    `deepspeed`), and only on a CPU worker falls back to plain torch DDP (a warning)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     policy_lr: float = field(default=1e-6, metadata=_range(gt=0))
     value_lr: float = field(default=1e-5, metadata=_range(gt=0))
@@ -207,7 +209,12 @@ class DataConfig:
     prompts whose samples all agree drop out (`dqo_ray.data.groups.balanced_groups`; OREO
     keeps at most 4 + 4 per question, DAPO drops groups that all agree)."""
     max_prompt_tokens: int = field(default=512, metadata=_range(ge=1))
+    """Longest prompt (tokens, template included) that is trained on. Ingest rejects a longer
+    record (strict: stops at it); generation leaves a longer prompt out with a warning (an
+    error when none is left). Prompts are never cut: a cut prompt is another problem."""
     max_response_tokens: int = field(default=512, metadata=_range(ge=1))
+    """Longest response (tokens, EOS included). Ingest rejects a longer record (never cut: the
+    reward grades the whole text); generation.max_new_tokens must not exceed it."""
     shuffle_seed: int = 0
     ref_actors: int = field(default=1, metadata=_range(ge=1))
     """Actors in the reference-scoring pool (one GPU each on GPU clusters)."""
@@ -242,7 +249,8 @@ class TaskConfig:
 @dataclass
 class GenerationConfig:
     engine: Literal["auto", "vllm", "hf"] = "auto"
-    """auto = vLLM where it imports (and, on CPU, where it is the faster choice), else HF."""
+    """auto = vLLM; a vLLM that does not import is an error on a CUDA machine (and for
+    `vllm`), and only on a CPU falls back to HF generate (a warning)."""
     num_engines: int = field(default=1, metadata=_range(ge=1))
     gpus_per_engine: int = field(default=0, metadata=_range(ge=0))
     """>1 = tensor parallel over a placement group bundle per engine; 0 = CPU."""
@@ -380,6 +388,10 @@ class Config:
 
     def check(self) -> list[str]:
         problems = []
+        if self.generation.max_new_tokens > self.data.max_response_tokens:
+            problems.append(f"generation.max_new_tokens: {self.generation.max_new_tokens} "
+                            f"exceeds data.max_response_tokens ({self.data.max_response_tokens})"
+                            "; sampled responses must fit what training accepts")
         head_dim = self.model.tiny_hidden_size // self.model.tiny_heads
         if (self.model.policy == "tiny" and self.generation.engine != "hf"
                 and head_dim not in VLLM_CPU_HEAD_SIZES):

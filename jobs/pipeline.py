@@ -123,7 +123,9 @@ class Pipeline:
                 report = ingest_file(self.cfg.pipeline.ingest_source, self.store,
                                      load_tokenizer(start), round=0, strict=True,
                                      reward_correct=self.cfg.algo.reward_correct,
-                                     reward_incorrect=self.cfg.algo.reward_incorrect)
+                                     reward_incorrect=self.cfg.algo.reward_incorrect,
+                                     max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+                                     max_response_tokens=self.cfg.data.max_response_tokens)
             except IngestError as exc:
                 raise SystemExit(f"round 0 ingest failed: {exc}") from exc
             self.state.finish(stage, time.perf_counter() - began, source="ingest",

@@ -34,7 +34,7 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0,
                  device: str | None = None, batch_prompts: int = 32,
                  scores_budget_gb: float = 1.0) -> None:
         """batch_prompts: most prompts per `generate` call. scores_budget_gb bounds the per-step

@@ -3,6 +3,7 @@ evaluation. Pure: no Ray."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from dqo_ray.config import TaskConfig
 from dqo_ray.tasks.datasets import Problem, load_problems
 from dqo_ray.tasks.prompts import build_prompt, select_exemplars
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,19 @@ def load_items(task: TaskConfig, tokenizer: Any, seed: int = 0) -> list[PromptIt
         exemplars = select_exemplars(load_problems(task.name, task.source, "train"),
                                      task.k_shot, seed)
     return prompt_items(problems, tokenizer, task, exemplars)
+
+
+def within_prompt_limit(items: Sequence[PromptItem], max_tokens: int) -> list[PromptItem]:
+    """The items whose prompt has at most `max_tokens` (data.max_prompt_tokens) tokens; the
+    others are left out with a warning (a cut prompt would be another problem), and none
+    fitting is an error."""
+    kept = [i for i in items if len(i.prompt_ids) <= max_tokens]
+    if len(kept) < len(items):
+        longest = max(len(i.prompt_ids) for i in items)
+        message = (f"{len(items) - len(kept)} of {len(items)} prompts are longer than "
+                   f"data.max_prompt_tokens ({max_tokens}; the longest has {longest})")
+        if not kept:
+            raise ValueError(f"{message}: none is left to sample; raise data.max_prompt_tokens "
+                             "or lower task.k_shot")
+        log.warning("%s: left out of generation", message)
+    return kept
