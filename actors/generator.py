@@ -31,7 +31,7 @@ from dqo_ray.config import Config
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
 from dqo_ray.runtime import node_info
-from dqo_ray.tasks import grade_many
+from dqo_ray.tasks import configure_grading, grade_many
 from dqo_ray.tasks.items import PromptItem
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class EngineWorker:
                                   seed=self.gen.seed,
                                   tensor_parallel=max(1, self.gen.gpus_per_engine))
         self.tokenizer = load_tokenizer(model_path)
+        configure_grading(cfg.grading)  # this actor's math_verify pool
 
     def ping(self) -> int:
         return os.getpid()
@@ -75,7 +76,7 @@ class EngineWorker:
         gen, algo = self.gen, self.cfg.algo
         spec = SamplingSpec(n=gen.samples_per_prompt, temperature=gen.temperature,
                             top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed, round, items))
+                            seed=_chunk_seed(gen.seed, round, items), stop=items[0].stop)
         samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
         flat = [(item, j, s) for item, group in zip(items, samples, strict=True)
                 for j, s in enumerate(group)]
@@ -125,7 +126,8 @@ class EngineWorker:
         # Values are estimated by sampling, even when the main responses were greedy.
         spec = SamplingSpec(n=m, temperature=gen.temperature or 1.0, top_p=gen.top_p,
                             max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items))
+                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items),
+                            stop=items[0].stop)
         completions = self.engine.generate(prefixes, spec)
         texts = [prefix_text[i] + c.text for i, group in enumerate(completions) for c in group]
         grades = grade_many(items[0].task, texts, [g for g in golds for _ in range(m)])

@@ -223,9 +223,13 @@ class DataConfig:
         return problems
 
 
+TaskName = Literal["gsm8k", "math", "math500", "tinymath"]
+"""The tasks of `dqo_ray.tasks.catalog.TASKS` (a test keeps the two lists equal)."""
+
+
 @dataclass
 class TaskConfig:
-    name: Literal["gsm8k", "math", "math500", "tinymath"] = "gsm8k"
+    name: TaskName = "gsm8k"
     source: str | None = None
     """Local .jsonl/.parquet file or folder (with train/test files), or a hub dataset name
     (never in tests). None = the task's default hub name."""
@@ -237,6 +241,20 @@ class TaskConfig:
     base models; 0 for instruction-tuned models)."""
     use_chat_template: bool = True
     """Use the tokenizer's chat template when it has one; else a plain template."""
+
+
+@dataclass
+class GradingConfig:
+    """Answer grading in each process that grades (generator and evaluator actors). MATH
+    answers that differ as strings are compared by math_verify (sympy) in a few child
+    processes, each comparison time-limited (`dqo_ray.tasks.grader_pool`)."""
+
+    workers: int = field(default=2, metadata=_range(ge=1))
+    """Child processes per grading process: small, because the string comparison settles
+    most answers and each child holds its own sympy."""
+    timeout_s: float = field(default=5.0, metadata=_range(gt=0))
+    """Limit per math_verify comparison (sympy can run for ever on a power tower); an answer
+    still being compared at the limit grades False."""
 
 
 @dataclass
@@ -267,7 +285,7 @@ class GenerationConfig:
     Ray fill one node first."""
 
 
-EvalDataset = Literal["gsm8k", "math", "math500", "tinymath"]
+EvalDataset = TaskName
 
 
 @dataclass
@@ -368,6 +386,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
