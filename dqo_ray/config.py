@@ -331,6 +331,10 @@ class WarmStartConfig:
     """tinymath only: the share of subtraction steps the gold solutions write as additions
     (`tasks.tinymath.flip_subtractions`), a documented annotation flaw that outcome rewards
     can correct and more supervised training on the same set cannot."""
+    drop_answer_line: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    """tinymath only: the share of gold solutions that stop after their last step without the
+    "The answer is N." line the grader reads (`tasks.tinymath.drop_answer_line`), a documented
+    annotation flaw that outcome rewards can correct and more supervised training cannot."""
 
 
 @dataclass
@@ -410,9 +414,10 @@ class Config:
             problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
                             "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "
                             "pairs)")
-        if self.pipeline.warm_start.flip_subtractions and self.task.name != "tinymath":
-            problems.append("pipeline.warm_start.flip_subtractions: only for task.name "
-                            f"'tinymath' (got {self.task.name!r})")
+        for flaw in ("flip_subtractions", "drop_answer_line"):
+            if getattr(self.pipeline.warm_start, flaw) and self.task.name != "tinymath":
+                problems.append(f"pipeline.warm_start.{flaw}: only for task.name 'tinymath' "
+                                f"(got {self.task.name!r})")
         if (self.algo.name == "dqo" and self.algo.step_values == "mc"
                 and not self.generation.process_reward_samples):
             problems.append("algo.step_values: 'mc' needs generation.process_reward_samples "

@@ -46,6 +46,8 @@ def test_defaults_are_valid_and_match_the_algorithm_doc():
      "pipeline.warm_start.flip_subtractions: 1.5 must be <= 1"),
     ({"task": {"name": "gsm8k"}, "pipeline": {"warm_start": {"flip_subtractions": 0.5}}},
      "pipeline.warm_start.flip_subtractions: only for task.name 'tinymath' (got 'gsm8k')"),
+    ({"task": {"name": "math"}, "pipeline": {"warm_start": {"drop_answer_line": 0.5}}},
+     "pipeline.warm_start.drop_answer_line: only for task.name 'tinymath' (got 'math')"),
     ({"algo": {"step_values": "mc"}, "generation": {"process_reward_alpha": 0.0}},
      "algo.step_values: 'mc' needs generation.process_reward_samples > 0"),
     ({"algo": {"step_values": "mc"}, "generation": {"process_reward_samples": 2}},

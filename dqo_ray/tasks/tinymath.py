@@ -272,6 +272,23 @@ def flip_subtractions(solution: str, rate: float, key: str) -> str:
     return "\n".join(out)
 
 
+def drop_answer_line(solution: str, rate: float, key: str) -> str:
+    """`solution` as a careless annotator writes it: with probability `rate` (a stable
+    function of `key`) the final "The answer is N." line is left out, so the solution stops
+    after its last step.
+
+    Why: a warm start on these demonstrations ends about as often without the answer line as
+    with it, a choice at one place the model can already make either way; the grader reads
+    only the stated answer, so outcome rewards can correct it and more supervised training
+    on the same set cannot. Solutions without a final answer line are returned unchanged.
+    """
+    lines = solution.split("\n")
+    if rate <= 0 or len(lines) < 2 or not lines[-1].startswith(ANSWER_PREFIX):
+        return solution
+    digest = hashlib.blake2b(f"{key}:answer".encode(), digest_size=8).digest()
+    return "\n".join(lines[:-1]) if int.from_bytes(digest, "big") / 2**64 < rate else solution
+
+
 def split_of(question: str) -> str:
     """The split a question belongs to: a stable hash of its text (never Python's hash())."""
     digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()
