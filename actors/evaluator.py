@@ -35,7 +35,7 @@ from dqo_ray.evaluation import (
 from dqo_ray.models import load_tokenizer
 from dqo_ray.runtime import node_info, node_name
 from dqo_ray.storage import not_visible, removed_by_retention, require_visible
-from dqo_ray.tasks import grade_many
+from dqo_ray.tasks import configure_grading, grade_many
 from dqo_ray.tasks.items import PromptItem, load_items
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Evaluator:
                                             dtype=cfg.model.dtype)
         self.loaded = model_path
         tokenizer = load_tokenizer(model_path)
+        configure_grading(cfg.grading)  # this actor's math_verify pool
         self.items: dict[str, list[PromptItem]] = {}
         for name in ecfg.datasets:
             task = TaskConfig(name=name, source=ecfg.sources.get(name), split=ecfg.split,
@@ -91,14 +92,14 @@ class Evaluator:
         ecfg, start = self.cfg.eval, time.perf_counter()
         prompts = [list(i.prompt_ids) for i in items]
         greedy = self.engine.generate(prompts, SamplingSpec(
-            n=1, temperature=0.0, max_new_tokens=ecfg.max_new_tokens))
+            n=1, temperature=0.0, max_new_tokens=ecfg.max_new_tokens, stop=items[0].stop))
         task = items[0].task
         greedy_ok = grade_many(task, [g[0].text for g in greedy], [i.gold for i in items])
         sampled: list[list[Any]] = [[] for _ in items]
         if ecfg.samples > 1:
             sampled = self.engine.generate(prompts, SamplingSpec(
                 n=ecfg.samples, temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                seed=self.cfg.run.seed))
+                seed=self.cfg.run.seed, stop=items[0].stop))
         texts = [s.text for group in sampled for s in group]
         sample_ok = grade_many(task, texts, [i.gold for i in items for _ in range(ecfg.samples)]) \
             if texts else []

@@ -32,7 +32,7 @@ from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
 from dqo_ray.runtime import node_info, node_name
 from dqo_ray.storage import CheckpointNotVisible, require_visible
-from dqo_ray.tasks import grade_many
+from dqo_ray.tasks import configure_grading, grade_many
 from dqo_ray.tasks.items import PromptItem, within_prompt_limit
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class EngineWorker:
                                   tensor_parallel=max(1, self.gen.gpus_per_engine))
         self.tokenizer = load_tokenizer(model_path)
         self.load_error: Exception | None = None
+        configure_grading(cfg.grading)  # this actor's math_verify pool
 
     def ping(self) -> int:
         return os.getpid()
@@ -88,7 +89,7 @@ class EngineWorker:
         gen, algo = self.gen, self.cfg.algo
         spec = SamplingSpec(n=gen.samples_per_prompt, temperature=gen.temperature,
                             top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed, round, items))
+                            seed=_chunk_seed(gen.seed, round, items), stop=items[0].stop)
         samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
         flat = [(item, j, s) for item, group in zip(items, samples, strict=True)
                 for j, s in enumerate(group)]
@@ -138,7 +139,8 @@ class EngineWorker:
         # Values are estimated by sampling, even when the main responses were greedy.
         spec = SamplingSpec(n=m, temperature=gen.temperature or 1.0, top_p=gen.top_p,
                             max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items))
+                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items),
+                            stop=items[0].stop)
         completions = self.engine.generate(prefixes, spec)
         texts = [prefix_text[i] + c.text for i, group in enumerate(completions) for c in group]
         grades = grade_many(items[0].task, texts, [g for g in golds for _ in range(m)])

@@ -230,9 +230,13 @@ class DataConfig:
         return problems
 
 
+TaskName = Literal["gsm8k", "math", "math500", "tinymath"]
+"""The tasks of `dqo_ray.tasks.catalog.TASKS` (a test keeps the two lists equal)."""
+
+
 @dataclass
 class TaskConfig:
-    name: Literal["gsm8k", "math", "math500", "tinymath"] = "gsm8k"
+    name: TaskName = "gsm8k"
     source: str | None = None
     """Local .jsonl/.parquet file or folder (with train/test files), or a hub dataset name
     (never in tests). None = the task's default hub name."""
@@ -244,6 +248,20 @@ class TaskConfig:
     base models; 0 for instruction-tuned models)."""
     use_chat_template: bool = True
     """Use the tokenizer's chat template when it has one; else a plain template."""
+
+
+@dataclass
+class GradingConfig:
+    """Answer grading in each process that grades (generator and evaluator actors). MATH
+    answers that differ as strings are compared by math_verify (sympy) in a few child
+    processes, each comparison time-limited (`dqo_ray.tasks.grader_pool`)."""
+
+    workers: int = field(default=2, metadata=_range(ge=1))
+    """Child processes per grading process: small, because the string comparison settles
+    most answers and each child holds its own sympy."""
+    timeout_s: float = field(default=5.0, metadata=_range(gt=0))
+    """Limit per math_verify comparison (sympy can run for ever on a power tower); an answer
+    still being compared at the limit grades False."""
 
 
 @dataclass
@@ -275,7 +293,7 @@ class GenerationConfig:
     Ray fill one node first."""
 
 
-EvalDataset = Literal["gsm8k", "math", "math500", "tinymath"]
+EvalDataset = TaskName
 
 
 @dataclass
@@ -321,6 +339,10 @@ class WarmStartConfig:
     """tinymath only: the share of subtraction steps the gold solutions write as additions
     (`tasks.tinymath.flip_subtractions`), a documented annotation flaw that outcome rewards
     can correct and more supervised training on the same set cannot."""
+    drop_answer_line: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    """tinymath only: the share of gold solutions that stop after their last step without the
+    "The answer is N." line the grader reads (`tasks.tinymath.drop_answer_line`), a documented
+    annotation flaw that outcome rewards can correct and more supervised training cannot."""
 
 
 @dataclass
@@ -376,6 +398,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -403,9 +426,10 @@ class Config:
             problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
                             "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "
                             "pairs)")
-        if self.pipeline.warm_start.flip_subtractions and self.task.name != "tinymath":
-            problems.append("pipeline.warm_start.flip_subtractions: only for task.name "
-                            f"'tinymath' (got {self.task.name!r})")
+        for flaw in ("flip_subtractions", "drop_answer_line"):
+            if getattr(self.pipeline.warm_start, flaw) and self.task.name != "tinymath":
+                problems.append(f"pipeline.warm_start.{flaw}: only for task.name 'tinymath' "
+                                f"(got {self.task.name!r})")
         if (self.algo.name == "dqo" and self.algo.step_values == "mc"
                 and not self.generation.process_reward_samples):
             problems.append("algo.step_values: 'mc' needs generation.process_reward_samples "

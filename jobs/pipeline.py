@@ -47,6 +47,7 @@ from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import ENGINE_LOG, init_ray, record_placement
+from dqo_ray.tasks import get_task, load_problems
 from dqo_ray.tasks.items import load_items
 from dqo_ray.train.ray_trainer import train_on_store
 from dqo_ray.train.warm_start import warm_start
@@ -260,14 +261,11 @@ class Pipeline:
 
 
 def task_vocabulary(cfg: Config) -> list[str]:
-    """The words a tiny model's tokenizer needs: the task's own list (tinymath), else the
+    """The words a tiny model's tokenizer needs: the task's own list (tinymath's), else the
     words of the training and evaluation problems."""
-    if cfg.task.name == "tinymath":
-        from dqo_ray.tasks.tinymath import TINYMATH_WORDS
-
-        return list(TINYMATH_WORDS)
-    from dqo_ray.tasks import load_problems
-
+    words = get_task(cfg.task.name).vocabulary
+    if words:
+        return list(words)
     texts = [p.question + " " + (p.solution or "") for p in
              load_problems(cfg.task.name, cfg.task.source, cfg.task.split, cfg.task.limit)]
     for name in cfg.eval.datasets:

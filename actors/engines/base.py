@@ -6,7 +6,9 @@ actually drawn from (docs/algorithm.md section 3.3): softmax(logits / temperatur
 the top-p nucleus. Greedy decoding (temperature 0) reports the untempered log-probs.
 
 A response that ends with EOS has finish_reason "stop" and keeps the EOS token (and its log-prob)
-as its last token; one cut at `max_new_tokens` has finish_reason "length".
+as its last token; one that ends with a stop string (`SamplingSpec.stop`) has finish_reason
+"stop", keeps the token that completed it, and its text ends before it; one cut at
+`max_new_tokens` has finish_reason "length".
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class SamplingSpec:
     """Makes one call reproducible. Pass a different seed per call (e.g. base seed + chunk
     index): the same seed on the same prompt draws the same samples again. None = the engine's
     own random stream (seeded at construction)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a response besides EOS (the plain prompt template's next "Question:",
+    `dqo_ray.tasks.prompts.stop_strings`). A response ends at the token that completes one:
+    finish_reason "stop", that token (and its log-prob) kept as the last one, the text cut
+    before the stop string."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,6 +58,8 @@ class SamplingSpec:
             problems.append(f"top_p: {self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop: {self.stop!r} must be a sequence of non-empty strings")
         if problems:
             raise ValueError("invalid SamplingSpec: " + "; ".join(problems))
 
@@ -62,11 +71,13 @@ class SamplingSpec:
 @dataclass
 class Sample:
     token_ids: list[int]
-    """Response tokens; ends with EOS when finish_reason is "stop"."""
+    """Response tokens; ends with EOS, or the token completing a stop string, when
+    finish_reason is "stop"."""
     text: str
-    """The response decoded with special tokens (EOS, padding) skipped."""
+    """The response decoded with special tokens (EOS, padding) skipped, and cut before the
+    stop string it ended with."""
     finish_reason: str
-    """"stop" (ended with EOS) or "length" (hit max_new_tokens)."""
+    """"stop" (ended with EOS or a stop string) or "length" (hit max_new_tokens)."""
     logprobs: list[float]
     """logprobs[i] = log-prob of token_ids[i] under the distribution it was sampled from."""
 

@@ -148,6 +148,9 @@ class VLLMEngine:
                 max_tokens=spec.max_new_tokens, logprobs=0,
                 seed=None if spec.greedy else self._request_seed(base_seed, i),
                 skip_special_tokens=True,
+                # vLLM keeps the token that completes a stop string (and drops any after it)
+                # and cuts the text before the string: the contract of SamplingSpec.stop.
+                stop=list(spec.stop) or None,
             )
             for i in range(len(prompts))
         ]

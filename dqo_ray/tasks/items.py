@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dqo_ray.config import TaskConfig
-from dqo_ray.tasks.datasets import Problem, load_problems
-from dqo_ray.tasks.prompts import build_prompt, select_exemplars
+from dqo_ray.tasks.datasets import load_problems
+from dqo_ray.tasks.prompts import build_prompt, select_exemplars, stop_strings
+from dqo_ray.tasks.task import Problem
 
 log = logging.getLogger(__name__)
 
@@ -19,28 +20,30 @@ log = logging.getLogger(__name__)
 class PromptItem:
     prompt_id: str
     dataset: str
-    task: str  # grader name for dqo_ray.tasks.grade
+    task: str  # task name: how dqo_ray.tasks.grade and answer keys read the response
     prompt: str  # the templated prompt text
     prompt_ids: list[int]
     gold: str  # gold final answer
     meta: tuple[tuple[str, Any], ...] = ()  # e.g. MATH level / subject, for breakdowns
-
-
-def grader_task(task: str) -> str:
-    return "math" if task == "math500" else task
+    stop: tuple[str, ...] = ()
+    """Stop strings for sampling a response to this prompt (`prompts.stop_strings`: the
+    plain template's next "Question:"; none with a chat template). They belong to the prompt
+    because the template that was used decides them."""
 
 
 def prompt_items(problems: Sequence[Problem], tokenizer: Any, task: TaskConfig,
                  exemplars: Sequence[Problem] = ()) -> list[PromptItem]:
+    stop = tuple(stop_strings(tokenizer, task=task.name,
+                              use_chat_template=task.use_chat_template))
     items = []
     for problem in problems:
         text = build_prompt(problem, tokenizer, task=task.name, k_shot=len(exemplars),
                             exemplars=list(exemplars) or None,
                             use_chat_template=task.use_chat_template)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        items.append(PromptItem(problem.problem_id, problem.dataset, grader_task(task.name),
-                                text, list(ids), problem.answer,
-                                tuple(sorted(problem.meta.items()))))
+        items.append(PromptItem(problem.problem_id, problem.dataset, task.name, text,
+                                list(ids), problem.answer, tuple(sorted(problem.meta.items())),
+                                stop))
     return items
 
 
