@@ -33,8 +33,9 @@ from dqo_ray.evaluation import (
     write_report,
 )
 from dqo_ray.models import load_tokenizer
-from dqo_ray.runtime import node_info
-from dqo_ray.tasks import grade_many
+from dqo_ray.runtime import node_info, node_name
+from dqo_ray.storage import not_visible, removed_by_retention, require_visible
+from dqo_ray.tasks import configure_grading, grade_many
 from dqo_ray.tasks.items import PromptItem, load_items
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,14 @@ class Evaluator:
                  engine: GenerationEngine | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         ecfg = cfg.eval
+        if engine is None:
+            require_visible(model_path, node_name(), "the evaluator")
         self.engine = engine or make_engine(ecfg.engine, model_path, seed=cfg.run.seed,
-                                            kv_cache_gb=cfg.generation.kv_cache_gb)
+                                            kv_cache_gb=cfg.generation.kv_cache_gb,
+                                            dtype=cfg.model.dtype)
         self.loaded = model_path
         tokenizer = load_tokenizer(model_path)
+        configure_grading(cfg.grading)  # this actor's math_verify pool
         self.items: dict[str, list[PromptItem]] = {}
         for name in ecfg.datasets:
             task = TaskConfig(name=name, source=ecfg.sources.get(name), split=ecfg.split,
@@ -56,6 +61,7 @@ class Evaluator:
             self.items[name] = load_items(task, tokenizer, cfg.run.seed)
         self._lock = threading.Lock()  # one evaluation at a time on the engine
         self._watchers: dict[Path, tuple[threading.Thread, threading.Event]] = {}
+        self._failures: dict[Path, Exception] = {}  # a followed run's error, for stop_watching
         # A restarted run must not score a checkpoint twice: results.jsonl says what is done.
         self._seen: set[str] = {str(r.get("checkpoint")) for r in read_results(self.run_dir)}
 
@@ -67,7 +73,11 @@ class Evaluator:
         with self._lock:
             start = time.perf_counter()
             if checkpoint != self.loaded:
-                self.engine.load_weights(checkpoint)
+                try:
+                    self.engine.load_weights(checkpoint)
+                except Exception:  # the clear error when the folder is not on this node
+                    require_visible(checkpoint, node_name(), "the evaluator")
+                    raise
                 self.loaded = checkpoint
             rows = [self._score(name, items, checkpoint, step, round)
                     for name, items in self.items.items()]
@@ -82,14 +92,14 @@ class Evaluator:
         ecfg, start = self.cfg.eval, time.perf_counter()
         prompts = [list(i.prompt_ids) for i in items]
         greedy = self.engine.generate(prompts, SamplingSpec(
-            n=1, temperature=0.0, max_new_tokens=ecfg.max_new_tokens))
+            n=1, temperature=0.0, max_new_tokens=ecfg.max_new_tokens, stop=items[0].stop))
         task = items[0].task
         greedy_ok = grade_many(task, [g[0].text for g in greedy], [i.gold for i in items])
         sampled: list[list[Any]] = [[] for _ in items]
         if ecfg.samples > 1:
             sampled = self.engine.generate(prompts, SamplingSpec(
                 n=ecfg.samples, temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                seed=self.cfg.run.seed))
+                seed=self.cfg.run.seed, stop=items[0].stop))
         texts = [s.text for group in sampled for s in group]
         sample_ok = grade_many(task, texts, [i.gold for i in items for _ in range(ecfg.samples)]) \
             if texts else []
@@ -116,19 +126,22 @@ class Evaluator:
     # -- following a training run -----------------------------------------------------------
 
     def watch(self, train_run_dir: str, round: int | None = None, poll_s: float = 1.0,
-              step_offset: int = 0) -> None:
+              step_offset: int = 0, visible_within_s: float = 120.0) -> None:
         """Evaluates every checkpoint a training run commits, in a background thread, until
         `stop_watching`; several runs can be followed at once. The actor is threaded, so its
         calls may run out of order: wait for `watch` before sending the `stop_watching`. Checkpoints are announced by
         rank 0's metrics file (a line with checkpoint=true is written after Ray committed
         checkpoint-<step>); results are recorded at step + step_offset (a pipeline's rounds
-        each count steps from 1)."""
+        each count steps from 1). An announced checkpoint this node has not seen within
+        `visible_within_s` (shared file systems cache directory listings for a while) stops the
+        following with CheckpointNotVisible, raised by `stop_watching`."""
         run = Path(train_run_dir)
         if run in self._watchers:
             return
         stop = threading.Event()
         thread = threading.Thread(target=self._follow, args=(run, round, poll_s, step_offset,
-                                                             stop), daemon=True)
+                                                             stop, visible_within_s),
+                                  daemon=True)
         thread.start()  # before it is registered: stop_watching may join it at once
         self._watchers[run] = (thread, stop)
 
@@ -148,29 +161,48 @@ class Evaluator:
         return found
 
     def _follow(self, run: Path, round: int | None, poll_s: float, step_offset: int,
-                stop: threading.Event) -> None:
-        while True:
-            stopping = stop.is_set()  # read before the scan: drain once after stop
-            for step, path in self._pending(run):
-                self._seen.add(str(path))
-                if not path.exists():
-                    log.warning("checkpoint %s was removed (num_to_keep) before evaluation",
-                                path)
-                    continue
-                self.evaluate(str(path), step + step_offset, round)
-            if stopping:
-                return
-            time.sleep(poll_s)
+                stop: threading.Event, visible_within_s: float) -> None:
+        missing_since: dict[Path, float] = {}  # announced, not (yet) seen on this node
+        try:
+            while True:
+                stopping = stop.is_set()  # read before the scan: drain once after stop
+                for step, path in self._pending(run):
+                    if not path.exists():
+                        existing = [int(p.name.removeprefix("checkpoint-"))
+                                    for p in (run / "train").glob("checkpoint-*")
+                                    if p.name.removeprefix("checkpoint-").isdigit()]
+                        if removed_by_retention(step, existing):
+                            missing_since.pop(path, None)
+                            self._seen.add(str(path))
+                            log.warning("checkpoint %s was removed (trainer.num_to_keep) "
+                                        "before evaluation", path)
+                        elif (time.monotonic() - missing_since.setdefault(path, time.monotonic())
+                              > visible_within_s):
+                            raise not_visible(path, node_name(), "the evaluator")
+                        continue  # else looked for again at the next poll
+                    missing_since.pop(path, None)
+                    self._seen.add(str(path))
+                    self.evaluate(str(path), step + step_offset, round)
+                if stopping and not missing_since:
+                    return
+                time.sleep(poll_s)
+        except Exception as exc:  # the thread dies: its error waits for stop_watching
+            log.error("evaluator: stopped following %s: %s", run, exc)
+            self._failures[run] = exc
 
     def stop_watching(self, train_run_dir: str | None = None) -> int:
         """Stops following `train_run_dir` (default: every run) after evaluating every
-        checkpoint announced so far; returns how many checkpoints were evaluated in total."""
+        checkpoint announced so far; returns how many checkpoints were evaluated in total.
+        Raises the error that stopped following a run (a checkpoint this node cannot see)."""
         runs = [Path(train_run_dir)] if train_run_dir else list(self._watchers)
         for run in runs:
             if run in self._watchers:
                 thread, stop = self._watchers.pop(run)
                 stop.set()
                 thread.join()
+        failures = [self._failures.pop(run) for run in runs if run in self._failures]
+        if failures:  # e.g. a checkpoint this node cannot see
+            raise failures[0]
         return len(self._seen)
 
 

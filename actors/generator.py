@@ -30,9 +30,10 @@ from dqo_ray.algo.process_rewards import shaped_step_rewards, step_ends
 from dqo_ray.config import Config
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
-from dqo_ray.runtime import node_info
-from dqo_ray.tasks import grade_many
-from dqo_ray.tasks.items import PromptItem
+from dqo_ray.runtime import node_info, node_name
+from dqo_ray.storage import CheckpointNotVisible, require_visible
+from dqo_ray.tasks import configure_grading, grade_many
+from dqo_ray.tasks.items import PromptItem, within_prompt_limit
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ class EngineWorker:
 
     def __init__(self, cfg: Config, model_path: str) -> None:
         self.cfg, self.gen = cfg, cfg.generation
+        require_visible(model_path, node_name(), "an engine")
         self.engine = make_engine(self.gen.engine, model_path, kv_cache_gb=self.gen.kv_cache_gb,
-                                  seed=self.gen.seed,
+                                  seed=self.gen.seed, dtype=cfg.model.dtype,
                                   tensor_parallel=max(1, self.gen.gpus_per_engine))
         self.tokenizer = load_tokenizer(model_path)
+        self.load_error: Exception | None = None
+        configure_grading(cfg.grading)  # this actor's math_verify pool
 
     def ping(self) -> int:
         return os.getpid()
@@ -67,15 +71,25 @@ class EngineWorker:
         return node_info()
 
     def load_weights(self, checkpoint_dir: str) -> None:
-        self.engine.load_weights(checkpoint_dir)
+        # A failed refresh leaves the engine on old (or half-loaded) weights: remembered, so
+        # that no later chunk is sampled from them.
+        try:
+            require_visible(checkpoint_dir, node_name(), "an engine")
+            self.engine.load_weights(checkpoint_dir)
+        except Exception as exc:
+            self.load_error = exc
+            raise
+        self.load_error = None
 
     def run_chunk(self, items: Sequence[PromptItem], round: int,
                   policy_version: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        if self.load_error is not None:
+            raise self.load_error
         start = time.perf_counter()
         gen, algo = self.gen, self.cfg.algo
         spec = SamplingSpec(n=gen.samples_per_prompt, temperature=gen.temperature,
                             top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed, round, items))
+                            seed=_chunk_seed(gen.seed, round, items), stop=items[0].stop)
         samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
         flat = [(item, j, s) for item, group in zip(items, samples, strict=True)
                 for j, s in enumerate(group)]
@@ -125,7 +139,8 @@ class EngineWorker:
         # Values are estimated by sampling, even when the main responses were greedy.
         spec = SamplingSpec(n=m, temperature=gen.temperature or 1.0, top_p=gen.top_p,
                             max_new_tokens=gen.max_new_tokens,
-                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items))
+                            seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items),
+                            stop=items[0].stop)
         completions = self.engine.generate(prefixes, spec)
         texts = [prefix_text[i] + c.text for i, group in enumerate(completions) for c in group]
         grades = grade_many(items[0].task, texts, [g for g in golds for _ in range(m)])
@@ -143,6 +158,19 @@ class EngineWorker:
             row["step_ends"] = ends
             row["step_values"] = values[:-1]  # p_{k-1}: success rate where step k starts
             row["step_rewards"] = shaped_step_rewards(values, gen.process_reward_alpha)
+
+
+def _raise_unreadable(exc: ray.exceptions.RayTaskError, what: str) -> None:
+    """An engine that cannot see a checkpoint: one clear error (path, node, what to do)
+    instead of the actor's traceback; anything else is left to the caller."""
+    if isinstance(exc.cause, CheckpointNotVisible):
+        raise CheckpointNotVisible(f"{what}: {exc.cause}") from None
+
+
+def _raise_if_cannot_start(exc: ray.exceptions.RayActorError, slot: int) -> None:
+    """A replacement that failed in its constructor would fail again: no endless respawns."""
+    if exc.actor_init_failed:
+        raise RuntimeError(f"engine {slot} cannot start: {exc}") from None
 
 
 @dataclass
@@ -171,10 +199,20 @@ class GeneratorPool:
     def __init__(self, cfg: Config, model_path: str) -> None:
         self.cfg, self.model_path, self.weights = cfg, model_path, model_path
         self.replaced = 0
-        self.actors = [self._spawn() for _ in range(cfg.generation.num_engines)]
+        self.groups: dict[int, Any] = {}  # slot -> its tensor-parallel placement group
+        self.actors = [self._spawn(slot) for slot in range(cfg.generation.num_engines)]
         ray.get([a.ping.remote() for a in self.actors])  # fail fast if an engine cannot start
 
-    def _spawn(self) -> Any:
+    def _release_group(self, slot: int) -> None:
+        """A replaced (dead) engine's placement group would hold its GPUs for the whole run."""
+        group = self.groups.pop(slot, None)
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+
+    def _spawn(self, slot: int) -> Any:
+        self._release_group(slot)
         gen = self.cfg.generation
         options: dict[str, Any] = {"num_cpus": gen.cpus_per_engine, "max_restarts": 0}
         if gen.placement == "spread":
@@ -189,6 +227,7 @@ class GeneratorPool:
 
             group = placement_group([{"GPU": 1, "CPU": 1}] * gen.gpus_per_engine)
             ray.get(group.ready())
+            self.groups[slot] = group
             options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_capture_child_tasks=True))
         actor = ray.remote(EngineWorker).options(**options).remote(self.cfg, self.model_path)
@@ -204,18 +243,24 @@ class GeneratorPool:
         for i, ref in enumerate(refs):
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as exc:
+                _raise_if_cannot_start(exc, i)
                 log.warning("engine %d died during the weight refresh; replacing it", i)
-                self.actors[i] = self._spawn()
+                self.actors[i] = self._spawn(i)
                 self.replaced += 1
+            except ray.exceptions.RayTaskError as exc:
+                _raise_unreadable(exc, f"weight refresh of engine {i}")
+                raise
         log.info("weights refreshed from %s in %.2fs", checkpoint_dir, time.perf_counter() - start)
 
     def generate(self, items: Sequence[PromptItem], round: int, policy_version: int,
                  store: TrajectoryStore, shard_rows: int = 2048,
                  on_chunk: Callable[[int, GeneratorPool], None] | None = None
                  ) -> GenerationSummary:
-        """Samples every prompt not yet stored for `round`; writes shards as chunks complete."""
+        """Samples every prompt not yet stored for `round` (those longer than
+        data.max_prompt_tokens are left out, logged); writes shards as chunks complete."""
         start = time.perf_counter()
+        items = within_prompt_limit(items, self.cfg.data.max_prompt_tokens)
         n = self.cfg.generation.samples_per_prompt
         stored = store.traj_ids([round])
         todo = [i for i in items if traj_id_for(round, i.prompt_id, 0) not in stored]
@@ -246,10 +291,14 @@ class GeneratorPool:
             slot, chunk = inflight.pop(ref)
             try:
                 rows, stats = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # (an actor's death is not one)
+                _raise_unreadable(exc, f"engine {slot}")
+                raise
             except ray.exceptions.RayActorError as exc:
+                _raise_if_cannot_start(exc, slot)
                 log.warning("engine %d died (%s); replacing it and re-issuing its %d prompts",
                             slot, type(exc).__name__, len(chunk))
-                self.actors[slot] = self._spawn()
+                self.actors[slot] = self._spawn(slot)
                 self.replaced += 1
                 pending.appendleft(chunk)
                 submit(slot)
@@ -282,4 +331,6 @@ class GeneratorPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+        for slot in list(self.groups):
+            self._release_group(slot)
         self.actors = []

@@ -89,7 +89,8 @@ class ModelConfig:
     """Value model checkpoint; None initialises the value backbone from the policy checkpoint
     with a zero scalar head [choice: separate network, docs/algorithm.md section 2]."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto = bfloat16 on GPU, float32 on CPU."""
+    """auto = bfloat16 on GPU, float32 on CPU, decided by each process from what it has
+    (dqo_ray.device): train workers (bf16 keeps fp32 master weights), engines, evaluator."""
     gradient_checkpointing: bool = False
     tiny_hidden_size: int = field(default=128, metadata=_range(ge=8))
     tiny_layers: int = field(default=4, metadata=_range(ge=1))
@@ -155,7 +156,8 @@ class TrainerConfig:
     cpus_per_worker: float = field(default=0.5, metadata=_range(gt=0))
     use_gpu: bool = False
     engine: Literal["auto", "deepspeed", "torch"] = "auto"
-    """auto = DeepSpeed where it imports, else plain torch DDP (logged)."""
+    """auto = DeepSpeed; a DeepSpeed that does not import is an error on a GPU worker (and for
+    `deepspeed`), and only on a CPU worker falls back to plain torch DDP (a warning)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     policy_lr: float = field(default=1e-6, metadata=_range(gt=0))
     value_lr: float = field(default=1e-5, metadata=_range(gt=0))
@@ -207,7 +209,12 @@ class DataConfig:
     prompts whose samples all agree drop out (`dqo_ray.data.groups.balanced_groups`; OREO
     keeps at most 4 + 4 per question, DAPO drops groups that all agree)."""
     max_prompt_tokens: int = field(default=512, metadata=_range(ge=1))
+    """Longest prompt (tokens, template included) that is trained on. Ingest rejects a longer
+    record (strict: stops at it); generation leaves a longer prompt out with a warning (an
+    error when none is left). Prompts are never cut: a cut prompt is another problem."""
     max_response_tokens: int = field(default=512, metadata=_range(ge=1))
+    """Longest response (tokens, EOS included). Ingest rejects a longer record (never cut: the
+    reward grades the whole text); generation.max_new_tokens must not exceed it."""
     shuffle_seed: int = 0
     ref_actors: int = field(default=1, metadata=_range(ge=1))
     """Actors in the reference-scoring pool (one GPU each on GPU clusters)."""
@@ -223,9 +230,13 @@ class DataConfig:
         return problems
 
 
+TaskName = Literal["gsm8k", "math", "math500", "tinymath"]
+"""The tasks of `dqo_ray.tasks.catalog.TASKS` (a test keeps the two lists equal)."""
+
+
 @dataclass
 class TaskConfig:
-    name: Literal["gsm8k", "math", "math500", "tinymath"] = "gsm8k"
+    name: TaskName = "gsm8k"
     source: str | None = None
     """Local .jsonl/.parquet file or folder (with train/test files), or a hub dataset name
     (never in tests). None = the task's default hub name."""
@@ -240,9 +251,24 @@ class TaskConfig:
 
 
 @dataclass
+class GradingConfig:
+    """Answer grading in each process that grades (generator and evaluator actors). MATH
+    answers that differ as strings are compared by math_verify (sympy) in a few child
+    processes, each comparison time-limited (`dqo_ray.tasks.grader_pool`)."""
+
+    workers: int = field(default=2, metadata=_range(ge=1))
+    """Child processes per grading process: small, because the string comparison settles
+    most answers and each child holds its own sympy."""
+    timeout_s: float = field(default=5.0, metadata=_range(gt=0))
+    """Limit per math_verify comparison (sympy can run for ever on a power tower); an answer
+    still being compared at the limit grades False."""
+
+
+@dataclass
 class GenerationConfig:
     engine: Literal["auto", "vllm", "hf"] = "auto"
-    """auto = vLLM where it imports (and, on CPU, where it is the faster choice), else HF."""
+    """auto = vLLM; a vLLM that does not import is an error on a CUDA machine (and for
+    `vllm`), and only on a CPU falls back to HF generate (a warning)."""
     num_engines: int = field(default=1, metadata=_range(ge=1))
     gpus_per_engine: int = field(default=0, metadata=_range(ge=0))
     """>1 = tensor parallel over a placement group bundle per engine; 0 = CPU."""
@@ -267,7 +293,7 @@ class GenerationConfig:
     Ray fill one node first."""
 
 
-EvalDataset = Literal["gsm8k", "math", "math500", "tinymath"]
+EvalDataset = TaskName
 
 
 @dataclass
@@ -313,6 +339,10 @@ class WarmStartConfig:
     """tinymath only: the share of subtraction steps the gold solutions write as additions
     (`tasks.tinymath.flip_subtractions`), a documented annotation flaw that outcome rewards
     can correct and more supervised training on the same set cannot."""
+    drop_answer_line: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    """tinymath only: the share of gold solutions that stop after their last step without the
+    "The answer is N." line the grader reads (`tasks.tinymath.drop_answer_line`), a documented
+    annotation flaw that outcome rewards can correct and more supervised training cannot."""
 
 
 @dataclass
@@ -368,6 +398,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -380,6 +411,10 @@ class Config:
 
     def check(self) -> list[str]:
         problems = []
+        if self.generation.max_new_tokens > self.data.max_response_tokens:
+            problems.append(f"generation.max_new_tokens: {self.generation.max_new_tokens} "
+                            f"exceeds data.max_response_tokens ({self.data.max_response_tokens})"
+                            "; sampled responses must fit what training accepts")
         head_dim = self.model.tiny_hidden_size // self.model.tiny_heads
         if (self.model.policy == "tiny" and self.generation.engine != "hf"
                 and head_dim not in VLLM_CPU_HEAD_SIZES):
@@ -391,9 +426,10 @@ class Config:
             problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
                             "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "
                             "pairs)")
-        if self.pipeline.warm_start.flip_subtractions and self.task.name != "tinymath":
-            problems.append("pipeline.warm_start.flip_subtractions: only for task.name "
-                            f"'tinymath' (got {self.task.name!r})")
+        for flaw in ("flip_subtractions", "drop_answer_line"):
+            if getattr(self.pipeline.warm_start, flaw) and self.task.name != "tinymath":
+                problems.append(f"pipeline.warm_start.{flaw}: only for task.name 'tinymath' "
+                                f"(got {self.task.name!r})")
         if (self.algo.name == "dqo" and self.algo.step_values == "mc"
                 and not self.generation.process_reward_samples):
             problems.append("algo.step_values: 'mc' needs generation.process_reward_samples "

@@ -11,7 +11,9 @@ The file also holds a fingerprint of the configuration that shapes results: resu
 different one raises instead of silently mixing two experiments. `pipeline.rounds` is left
 out so that a finished run can be extended with more rounds; `ray` (where it runs) and
 `eval` (what is measured, not what is trained) and `compare` (which runs jobs/compare.py
-makes) are left out too.
+makes) are left out too, and so is `grading` (how many processes grade, and a time limit that
+only pathological math_verify comparisons reach), which also lets runs recorded before that
+section existed resume.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "pipeline_state.json"
-_NOT_FINGERPRINTED = ({"ray", "eval", "compare"}, {("pipeline", "rounds"), ("pipeline", "overlap")})
+_NOT_FINGERPRINTED = ({"ray", "eval", "compare", "grading"},
+                      {("pipeline", "rounds"), ("pipeline", "overlap")})
 
 
 def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:

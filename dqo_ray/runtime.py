@@ -14,10 +14,11 @@ from dqo_ray.config import RayConfig
 log = logging.getLogger(__name__)
 
 # Passed to every Ray worker process: one BLAS thread per process (2 threads per worker on
-# 2 cores turned an 11 ms step into 1 s), DeepSpeed's CPU accelerator, project-local caches.
+# 2 cores turned an 11 ms step into 1 s), project-local caches. Never DS_ACCELERATOR: a GPU
+# worker would inherit a CPU driver's "cpu"; each process sets its own from what it has
+# (`dqo_ray.device`, in `dqo_ray.train.engines.import_deepspeed`).
 WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
 }
@@ -148,3 +149,12 @@ def node_info() -> dict[str, Any]:
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
             "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def node_name() -> str:
+    """This process's node for messages: host name, and its address inside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return socket.gethostname()
+    return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"

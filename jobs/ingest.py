@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                              dataset=args.dataset, strict=args.strict,
                              shard_rows=args.shard_rows,
                              reward_correct=cfg.algo.reward_correct,
-                             reward_incorrect=cfg.algo.reward_incorrect)
+                             reward_incorrect=cfg.algo.reward_incorrect,
+                             max_prompt_tokens=cfg.data.max_prompt_tokens,
+                             max_response_tokens=cfg.data.max_response_tokens)
     except (IngestError, StoreError) as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import ENGINE_LOG, init_ray, record_placement
+from dqo_ray.tasks import get_task, load_problems
 from dqo_ray.tasks.items import load_items
 from dqo_ray.train.ray_trainer import train_on_store
 from dqo_ray.train.warm_start import warm_start
@@ -123,7 +124,9 @@ class Pipeline:
                 report = ingest_file(self.cfg.pipeline.ingest_source, self.store,
                                      load_tokenizer(start), round=0, strict=True,
                                      reward_correct=self.cfg.algo.reward_correct,
-                                     reward_incorrect=self.cfg.algo.reward_incorrect)
+                                     reward_incorrect=self.cfg.algo.reward_incorrect,
+                                     max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+                                     max_response_tokens=self.cfg.data.max_response_tokens)
             except IngestError as exc:
                 raise SystemExit(f"round 0 ingest failed: {exc}") from exc
             self.state.finish(stage, time.perf_counter() - began, source="ingest",
@@ -258,14 +261,11 @@ class Pipeline:
 
 
 def task_vocabulary(cfg: Config) -> list[str]:
-    """The words a tiny model's tokenizer needs: the task's own list (tinymath), else the
+    """The words a tiny model's tokenizer needs: the task's own list (tinymath's), else the
     words of the training and evaluation problems."""
-    if cfg.task.name == "tinymath":
-        from dqo_ray.tasks.tinymath import TINYMATH_WORDS
-
-        return list(TINYMATH_WORDS)
-    from dqo_ray.tasks import load_problems
-
+    words = get_task(cfg.task.name).vocabulary
+    if words:
+        return list(words)
     texts = [p.question + " " + (p.solution or "") for p in
              load_problems(cfg.task.name, cfg.task.source, cfg.task.split, cfg.task.limit)]
     for name in cfg.eval.datasets:

@@ -20,17 +20,24 @@ finish reasons occur.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import repo_data
 from safetensors.torch import load_file, save_file
 
 from actors.engines import SamplingSpec, local_checkpoint, make_engine
+from actors.evaluator import Evaluator
+from actors.generator import EngineWorker
 from dqo_ray.algo import token_logprobs
+from dqo_ray.config import load_config
 from dqo_ray.models import load_policy, load_tokenizer, save_tiny_checkpoint
+from dqo_ray.tasks.items import PromptItem
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: ~3 s start
@@ -211,6 +218,10 @@ def test_sampling_spec_validation():
         SamplingSpec(n=2, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=None)
     with pytest.raises(ValueError, match="top_p"):
         SamplingSpec(n=1, temperature=1.0, top_p=0.0, max_new_tokens=4, seed=None)
+    with pytest.raises(ValueError, match="stop: .* non-empty strings"):
+        SamplingSpec(stop=("\nQuestion:", ""))
+    with pytest.raises(ValueError, match="stop: .* non-empty strings"):
+        SamplingSpec(stop="\nQuestion:")  # a bare string would stop at each of its characters
 
 
 def test_make_engine_bad_kind(checkpoints):
@@ -327,3 +338,125 @@ def test_vllm_reload_weights(vllm_engine, checkpoints, hf_models, prompts, tok):
     check("new")
     vllm_engine.load_weights(checkpoints["old"].as_uri())  # via the URI copy path, and back
     check("old")
+
+
+# ---------------------------------------------------------------------------- stop strings
+
+def first_stop(tok, tokens: list[int], stops: tuple[str, ...]) -> int | None:
+    """Reference: the index of the token after which the decoded response first holds a stop
+    string, or None."""
+    for t in range(len(tokens)):
+        if any(stop in tok.decode(tokens[: t + 1], skip_special_tokens=True) for stop in stops):
+            return t
+    return None
+
+
+def cut_before_stop(text: str, stops: tuple[str, ...]) -> str:
+    """Reference: `text` up to the stop string that ends first (ties: the first listed)."""
+    found = [(text.find(s) + len(s), k, text.find(s)) for k, s in enumerate(stops) if s in text]
+    return text[: min(found)[2]] if found else text
+
+
+def stops_written_by(responses: list[list[int]], tok) -> tuple[str, ...]:
+    """Two stop strings that free responses (token ids) write mid-response, from two different
+    responses: the text of two tokens (a stop string across tokens) and of one token."""
+    picked: list[str] = []
+    for ids in responses:
+        words = [tok.decode([t]) for t in ids[1:4] if t != tok.eos_token_id]
+        if len(words) == 3 and all(w.strip() for w in words):
+            picked.append("".join(words[:2]) if not picked else words[0])
+            if len(picked) == 2:
+                return tuple(picked)
+    raise AssertionError("too few long free responses to draw stop strings from")
+
+
+def check_stop_strings(engine, prompts, tok, tol: float) -> None:
+    """Samples with stop strings are the free samples (same seed) cut at the token that
+    completes the first stop string: same tokens and log-probs up to it, finish_reason "stop",
+    the text ending before the stop string; samples without one are unchanged."""
+    free_spec = SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW, seed=11)
+    free = engine.generate(prompts, free_spec)
+    stops = stops_written_by([f.token_ids for samples in free for f in samples], tok)
+    stopped = engine.generate(prompts, dataclasses.replace(free_spec, stop=stops))
+    ended = unchanged = 0
+    for free_samples, stopped_samples in zip(free, stopped, strict=True):
+        for f, s in zip(free_samples, stopped_samples, strict=True):
+            end = first_stop(tok, f.token_ids, stops)
+            if end is None:
+                assert (s.token_ids, s.text, s.finish_reason) == \
+                    (f.token_ids, f.text, f.finish_reason)
+                unchanged += 1
+                continue
+            assert s.token_ids == f.token_ids[: end + 1]
+            assert s.finish_reason == "stop" and s.token_ids[-1] != tok.eos_token_id
+            assert s.text == cut_before_stop(tok.decode(s.token_ids, skip_special_tokens=True),
+                                             stops)
+            assert not any(stop in s.text for stop in stops)
+            assert s.logprobs == pytest.approx(f.logprobs[: end + 1], abs=tol)
+            ended += 1
+    assert ended >= 2 and unchanged >= 1, (ended, unchanged, stops)
+
+
+def test_hf_stop_strings(hf_engine, prompts, tok):
+    check_stop_strings(hf_engine, prompts, tok, HF_TOL)
+
+
+def test_vllm_stop_strings(vllm_engine, prompts, tok):
+    check_stop_strings(vllm_engine, prompts, tok, VLLM_TOL)
+
+
+class RecordingEngine:
+    """A real engine, wrapped to keep the SamplingSpecs it is asked for."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.name, self.specs = engine, engine.name, []
+
+    def generate(self, prompts, spec):
+        self.specs.append(spec)
+        return self.engine.generate(prompts, spec)
+
+    def load_weights(self, checkpoint_dir):
+        self.engine.load_weights(checkpoint_dir)
+
+
+def test_generator_samples_with_its_items_stop_strings(checkpoints, prompts, tok):
+    """The wire from the task to sampling in the generator: an item's stop strings reach the
+    engine's SamplingSpec, and the stored responses end where they say."""
+    cfg = load_config(None, ["generation.engine=hf", "generation.samples_per_prompt=4",
+                             f"generation.max_new_tokens={MAX_NEW}"])
+    worker = EngineWorker(cfg, str(checkpoints["old"]))
+    worker.engine = RecordingEngine(worker.engine)
+
+    def items(stop):
+        return [PromptItem(f"toy/{i}", "toy", "gsm8k", "", p, "3", (), stop)
+                for i, p in enumerate(prompts)]
+
+    free, _ = worker.run_chunk(items(()), round=0, policy_version=0)
+    stops = stops_written_by([r["response_ids"] for r in free], tok)
+    stopped, _ = worker.run_chunk(items(stops), round=0, policy_version=0)
+    assert [spec.stop for spec in worker.engine.specs] == [(), stops]
+    ended = 0
+    for f, s in zip(free, stopped, strict=True):
+        end = first_stop(tok, f["response_ids"], stops)
+        if end is not None:
+            assert s["response_ids"] == f["response_ids"][: end + 1]
+            assert s["finish_reason"] == "stop" and not any(x in s["response"] for x in stops)
+            ended += 1
+    assert ended >= 2
+
+
+def test_evaluator_samples_with_its_items_stop_strings(checkpoints, tmp_path):
+    """The evaluator builds plain-template prompts for a tokenizer without a chat template;
+    both its greedy and its sampled calls then stop at the next "Question:"."""
+    plain = tmp_path / "plain"
+    shutil.copytree(checkpoints["old"], plain)
+    (plain / "chat_template.jinja").unlink()
+    assert not load_tokenizer(plain).chat_template
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "eval.datasets=[gsm8k]",
+                             f"eval.sources.gsm8k={repo_data('gsm8k')}", "eval.limit=3",
+                             "eval.samples=2", f"eval.max_new_tokens={MAX_NEW}"])
+    engine = RecordingEngine(make_engine("hf", str(plain), seed=0))
+    evaluator = Evaluator(cfg, str(plain), cfg.run.run_dir, engine=engine)
+    assert {i.stop for i in evaluator.items["gsm8k"]} == {("\nQuestion:",)}
+    evaluator.evaluate(str(plain), step=1)
+    assert [spec.stop for spec in engine.specs] == [("\nQuestion:",)] * 2

@@ -95,9 +95,11 @@ def test_math_answer_keys_normalise_latex_and_simple_numbers():
     assert answer_key("math", "\\boxed{\\frac{1}{") is None
 
 
-def test_unknown_tasks_use_the_box_then_the_final_number():
+def test_tinymath_keys_use_the_box_then_the_final_number():
     assert answer_key("tinymath", "it is \\boxed{\\frac{2}{4}}") == "1/2"
     assert answer_key("tinymath", "The answer is 7.") == "7"
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        answer_key("chess", "The answer is 7.")
 
 
 def test_majority_vote_counts_equal_keys_and_breaks_ties_by_first_occurrence():

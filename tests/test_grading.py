@@ -1,29 +1,31 @@
 """Grading: gold sweeps over the real data sets, hard cases both ways, time limits, threads."""
 
+import dataclasses
 import threading
 import time
 
 import pytest
 from conftest import repo_data
 
+from dqo_ray.config import GradingConfig
 from dqo_ray.tasks import (
+    TASKS,
     configure_grading,
     extract_boxed,
     grade,
     grade_many,
+    grader_pool,
     load_problems,
-    register_grader,
 )
-from dqo_ray.tasks import grading as grading_mod
 
 
 @pytest.fixture(scope="module")
 def short_timeout():
     """A 1 s math_verify limit, restored afterwards, so timeout tests stay quick."""
-    old = grading_mod._POOL.timeout_s
-    configure_grading(timeout_s=1.0)
+    old = grader_pool.grading_settings()
+    configure_grading(dataclasses.replace(old, timeout_s=1.0))
     yield 1.0
-    configure_grading(timeout_s=old)
+    configure_grading(old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def test_math500_answers_verify_through_math_verify():
     problems = load_problems("math500", str(repo_data("math")), "test")
     jobs = [(p.answer, extract_boxed(p.solution)) for p in problems]
     start = time.perf_counter()
-    verdicts = grading_mod._POOL.run(jobs)
+    verdicts = grader_pool.verify_many(jobs)
     print(f"math500 math_verify sweep: {len(jobs)} in {time.perf_counter() - start:.2f}s")
     assert [p.problem_id for p, ok in zip(problems, verdicts, strict=True) if not ok] == []
 
@@ -74,7 +76,7 @@ def test_math500_answers_verify_through_math_verify():
 def test_math_test_answers_verify_through_math_verify():
     """All 5000 MATH test answers, each against itself, through math_verify (~10 s/core)."""
     problems = load_problems("math", str(repo_data("math")), "test")
-    verdicts = grading_mod._POOL.run([(p.answer, p.answer) for p in problems])
+    verdicts = grader_pool.verify_many([(p.answer, p.answer) for p in problems])
     assert [p.problem_id for p, ok in zip(problems, verdicts, strict=True) if not ok] == []
 
 
@@ -215,7 +217,7 @@ def test_power_tower_times_out_without_hanging(short_timeout):
 def test_hung_worker_is_killed_and_replaced():
     """A call stuck past the hard limit (here: the worker's own alarm switched off, as for a
     call stuck in C code) gets its worker killed; the next call gets a fresh one."""
-    pool = grading_mod._VerifyPool(workers=1, timeout_s=0.5)
+    pool = grader_pool.VerifyPool(workers=1, timeout_s=0.5)
     pool.soft_alarm = False
     try:
         start = time.perf_counter()
@@ -255,22 +257,44 @@ def test_grading_inside_threads():
     assert results == {i: expected for i, (_, _, expected) in enumerate(cases)}
 
 
-def test_registry():
-    with pytest.raises(ValueError, match="no grader for task 'nope'"):
+def test_pool_settings_come_from_the_config():
+    """The pool's defaults are the config's, and configure_grading applies a config section
+    (the generator and evaluator actors call it at start); bad values are refused."""
+    old = grader_pool.grading_settings()
+    assert GradingConfig() == GradingConfig(workers=2, timeout_s=5.0)
+    try:
+        configure_grading(GradingConfig(workers=1, timeout_s=2.5))
+        assert grader_pool.grading_settings() == GradingConfig(workers=1, timeout_s=2.5)
+        assert grade("math", "\\boxed{0.5}", "\\frac{1}{2}") is True
+        with pytest.raises(ValueError, match="grading.timeout_s must be > 0"):
+            configure_grading(GradingConfig(timeout_s=0.0))
+        with pytest.raises(ValueError, match="grading.workers must be >= 1"):
+            configure_grading(GradingConfig(workers=0))
+    finally:
+        configure_grading(old)
+    assert grader_pool.grading_settings() == old
+
+
+def test_unknown_task_and_a_raising_grader(monkeypatch):
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
         grade("nope", "1", "1")
-    with pytest.raises(ValueError, match="already registered"):
-        register_grader("gsm8k", lambda r, g: True)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        grade_many("nope", ["1"], ["1"])
 
     def flaky(response: str, gold: str) -> bool:
         if response == "boom":
             raise RuntimeError("grader bug")
         return response.strip() == gold
 
-    register_grader("toy-task", flaky)
-    try:
-        assert grade("toy-task", " 7 ", "7") is True
-        assert grade("toy-task", "boom", "7") is False  # a raising grader grades False
-        assert grade_many("toy-task", ["7", "8", "boom"], ["7", "7", "7"]) == [True, False,
-                                                                              False]
-    finally:
-        del grading_mod._GRADERS["toy-task"]
+    toy = dataclasses.replace(TASKS["gsm8k"], name="toy-task", grade=flaky, grade_batch=None)
+    monkeypatch.setitem(TASKS, "toy-task", toy)
+    assert grade("toy-task", " 7 ", "7") is True
+    assert grade("toy-task", "boom", "7") is False  # a raising grader grades False
+    assert grade_many("toy-task", ["7", "8", "boom"], ["7", "7", "7"]) == [True, False, False]
+
+    def broken_batch(responses, golds):
+        raise RuntimeError("batch grader bug")
+
+    monkeypatch.setitem(TASKS, "toy-task", dataclasses.replace(toy, grade_batch=broken_batch))
+    # A raising batch grader falls back to grading one by one.
+    assert grade_many("toy-task", ["7", "8", "boom"], ["7", "7", "7"]) == [True, False, False]

@@ -41,6 +41,13 @@ def test_state_refuses_another_configuration_but_allows_more_rounds(tmp_path):
         RunState(tmp_path, to_dict(load_config(None, ["algo.beta=0.2"])))
 
 
+def test_state_of_a_run_from_before_the_grading_section_resumes(tmp_path):
+    older = to_dict(load_config(None))
+    del older["grading"]  # as recorded before the section existed
+    RunState(tmp_path, older)
+    RunState(tmp_path, to_dict(load_config(None, ["grading.workers=4", "grading.timeout_s=9"])))
+
+
 def test_state_file_that_is_not_ours_is_named(tmp_path):
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(StateError, match=f"{STATE_FILE}: not a pipeline state file"):

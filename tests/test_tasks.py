@@ -1,15 +1,20 @@
-"""Task data sets (local files, errors) and prompts (chat / plain templates, k-shot)."""
+"""The task table, task data sets (local files, errors) and prompts (chat / plain templates,
+k-shot, stop strings)."""
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from conftest import repo_data
 
+from dqo_ray.config import TaskConfig, TaskName
 from dqo_ray.tasks import (
+    TASKS,
     DatasetFormatError,
     Problem,
     build_prompt,
+    get_task,
     grade,
     load_problems,
     render_solution,
@@ -17,7 +22,28 @@ from dqo_ray.tasks import (
     select_exemplars,
     stop_strings,
 )
-from dqo_ray.tasks.prompts import prompt_format
+from dqo_ray.tasks.items import prompt_items
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+def test_config_task_names_are_the_task_table():
+    assert list(get_args(TaskName)) == list(TASKS)
+    assert all(TASKS[name].name == name for name in TASKS)
+    with pytest.raises(ValueError, match="unknown task 'chess'; known: gsm8k, math, math500"):
+        get_task("chess")
+
+
+def test_math_and_math500_differ_only_in_their_records():
+    """MATH500 is graded, prompted and voted exactly as MATH (one grader, no alias table)."""
+    math, math500 = TASKS["math"], TASKS["math500"]
+    for field in ("instruction", "render_solution", "grade", "grade_batch", "answer_key",
+                  "plain_stop"):
+        assert getattr(math500, field) is getattr(math, field), field
+    assert math500.parse is not math.parse
+    assert (math.file_stems("test"), math500.file_stems("test")) == \
+        (("test",), ("math500_test", "test"))
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +174,8 @@ def test_missing_sources(tmp_path):
         load_problems("gsm8k", str(tmp_path / "nope.jsonl"), "train")
     with pytest.raises(ValueError, match="unknown task 'chess'"):
         load_problems("chess", str(tmp_path), "train")
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        resolve_source("chess", None, "train")
 
 
 def test_hub_resolution_without_touching_the_hub():
@@ -180,27 +208,43 @@ def test_chat_template_used_when_present(tiny_checkpoint):
 
     tok = load_tokenizer(tiny_checkpoint)
     prompt = build_prompt(PROBLEM, tok, task="gsm8k")
-    instruction = prompt_format("gsm8k").instruction
+    instruction = get_task("gsm8k").instruction
     expected = tok.apply_chat_template(
         [{"role": "user", "content": f"{instruction}\n\n{PROBLEM.question}"}],
         tokenize=False, add_generation_prompt=True)
     assert prompt == expected
     assert prompt == f"user: {instruction}\n\n{PROBLEM.question}\nassistant:"
     assert "The answer is <number>." in prompt
-    assert stop_strings(tok) == []
+    assert stop_strings(tok, task="gsm8k") == []
     # Turning the template off gives the plain form even though the tokenizer has one.
     plain = build_prompt(PROBLEM, tok, task="gsm8k", use_chat_template=False)
     assert plain == f"{instruction}\n\nQuestion: {PROBLEM.question}\nAnswer:"
+    assert stop_strings(tok, task="gsm8k", use_chat_template=False) == ["\nQuestion:"]
 
 
 def test_plain_template_without_chat_template():
     tok = _plain_tokenizer()
     prompt = build_prompt(PROBLEM, tok, task="math")
-    assert prompt == (f"{prompt_format('math').instruction}\n\n"
+    assert prompt == (f"{get_task('math').instruction}\n\n"
                       f"Question: {PROBLEM.question}\nAnswer:")
     assert "\\boxed{}" in prompt
     assert build_prompt(PROBLEM, None, task="gsm8k").endswith("\nAnswer:")
-    assert stop_strings(tok) == ["\nQuestion:"]
+    assert stop_strings(tok, task="math") == ["\nQuestion:"]
+    assert stop_strings(None, task="gsm8k") == ["\nQuestion:"]
+
+
+def test_prompt_items_carry_the_stop_strings_of_their_template(tiny_checkpoint):
+    """The wire from the task to sampling: items say where their responses stop, and the
+    generator and evaluator put that into their SamplingSpec (tests/test_engines.py)."""
+    from dqo_ray.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_checkpoint)
+    problems = [PROBLEM]
+    chat = prompt_items(problems, tok, TaskConfig(name="gsm8k"))
+    plain = prompt_items(problems, tok, TaskConfig(name="gsm8k", use_chat_template=False))
+    bare = prompt_items(problems, _plain_tokenizer(), TaskConfig(name="math500"))
+    assert [i.stop for i in chat + plain + bare] == [(), ("\nQuestion:",), ("\nQuestion:",)]
+    assert plain[0].prompt.endswith("\nAnswer:") and bare[0].task == "math500"
 
 
 def test_exemplars_deterministic_and_train_only(gsm8k_train):
@@ -221,7 +265,7 @@ def test_gsm8k_k_shot_prompt(gsm8k_train):
     shots = select_exemplars(gsm8k_train, 8, seed=0)
     prompt = build_prompt(PROBLEM, _plain_tokenizer(), task="gsm8k", k_shot=8, exemplars=shots)
     blocks = prompt.split("\n\n")
-    assert blocks[0] == prompt_format("gsm8k").instruction
+    assert blocks[0] == get_task("gsm8k").instruction
     assert prompt.count("Question: ") == 9 and prompt.endswith(f"{PROBLEM.question}\nAnswer:")
     for shot, block in zip(shots, prompt.split("Question: ")[1:-1], strict=True):
         assert block.startswith(shot.question)
@@ -256,5 +300,5 @@ def test_exemplar_never_quotes_the_problem_itself(gsm8k_train):
         build_prompt(target, None, task="gsm8k", k_shot=2, exemplars=[target, other])
     with pytest.raises(ValueError, match="needs exemplars"):
         build_prompt(target, None, task="gsm8k", k_shot=2)
-    with pytest.raises(ValueError, match="no prompt format for task 'chess'"):
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
         build_prompt(target, None, task="chess")

@@ -332,14 +332,35 @@ def test_warm_start_examples_carry_the_configured_flaw(tokenizer):
     from dqo_ray.config import load_config
     from dqo_ray.train.warm_start import warm_start_examples
 
-    def targets(flip: float) -> list[list[int]]:
+    def targets(flaw: str, rate: float) -> list[list[int]]:
         cfg = load_config(REPO / "configs" / "demo.yaml", [
-            "pipeline.warm_start.problems=60", f"pipeline.warm_start.flip_subtractions={flip}"])
+            "pipeline.warm_start.problems=60", f"pipeline.warm_start.{flaw}={rate}"])
         return [e.target_ids for e in warm_start_examples(cfg, tokenizer)]
 
     problems = load_problems("tinymath", None, "warm", 60)
-    flawed, clean = targets(0.5), targets(0.0)
-    for p, bad, good in zip(problems, flawed, clean, strict=True):
-        assert tokenizer.decode(good[:-1]) == p.solution
-        assert tokenizer.decode(bad[:-1]) == tm.flip_subtractions(p.solution, 0.5, p.problem_id)
-    assert sum(b != g for b, g in zip(flawed, clean, strict=True)) > 10
+    clean = targets("flip_subtractions", 0.0)
+    for flaw, function in (("flip_subtractions", tm.flip_subtractions),
+                           ("drop_answer_line", tm.drop_answer_line)):
+        flawed = targets(flaw, 0.5)
+        for p, bad, good in zip(problems, flawed, clean, strict=True):
+            assert tokenizer.decode(good[:-1]) == p.solution
+            assert tokenizer.decode(bad[:-1]) == function(p.solution, 0.5, p.problem_id)
+            assert bad[-1] == good[-1] == tokenizer.eos_token_id
+        assert sum(b != g for b, g in zip(flawed, clean, strict=True)) > 10
+
+
+def test_drop_answer_line_leaves_out_the_stated_answer_at_the_given_rate(splits):
+    problems = splits["warm"][:2000]
+    dropped = 0
+    for p in problems:
+        flawed = tm.drop_answer_line(p.solution, 0.5, p.problem_id)
+        assert flawed == tm.drop_answer_line(p.solution, 0.5, p.problem_id)  # stable
+        assert tm.drop_answer_line(p.solution, 0.0, p.problem_id) == p.solution
+        assert tm.drop_answer_line(p.solution, 1.0, p.problem_id) + "\n" + \
+            p.solution.split("\n")[-1] == p.solution
+        if flawed != p.solution:
+            dropped += 1
+            assert p.solution.startswith(flawed + "\n")
+            assert not tm.grade(flawed, p.answer) and tm.grade(p.solution, p.answer)
+    assert 0.45 < dropped / len(problems) < 0.55
+    assert tm.drop_answer_line("2 + 3 = 5.", 1.0, "k") == "2 + 3 = 5."  # no answer line

@@ -2,6 +2,7 @@
 
 from actors.engines.base import (
     ENGINE_KINDS,
+    EngineUnavailable,
     GenerationEngine,
     Sample,
     SamplingSpec,
@@ -11,5 +12,5 @@ from actors.engines.base import (
     vllm_importable,
 )
 
-__all__ = ["ENGINE_KINDS", "GenerationEngine", "Sample", "SamplingSpec", "local_checkpoint",
+__all__ = ["ENGINE_KINDS", "EngineUnavailable", "GenerationEngine", "Sample", "SamplingSpec", "local_checkpoint",
            "make_engine", "materialise", "vllm_importable"]

@@ -6,7 +6,9 @@ actually drawn from (docs/algorithm.md section 3.3): softmax(logits / temperatur
 the top-p nucleus. Greedy decoding (temperature 0) reports the untempered log-probs.
 
 A response that ends with EOS has finish_reason "stop" and keeps the EOS token (and its log-prob)
-as its last token; one cut at `max_new_tokens` has finish_reason "length".
+as its last token; one that ends with a stop string (`SamplingSpec.stop`) has finish_reason
+"stop", keeps the token that completed it, and its text ends before it; one cut at
+`max_new_tokens` has finish_reason "length".
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from dqo_ray.device import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,11 @@ class SamplingSpec:
     """Makes one call reproducible. Pass a different seed per call (e.g. base seed + chunk
     index): the same seed on the same prompt draws the same samples again. None = the engine's
     own random stream (seeded at construction)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a response besides EOS (the plain prompt template's next "Question:",
+    `dqo_ray.tasks.prompts.stop_strings`). A response ends at the token that completes one:
+    finish_reason "stop", that token (and its log-prob) kept as the last one, the text cut
+    before the stop string."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,6 +58,8 @@ class SamplingSpec:
             problems.append(f"top_p: {self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop: {self.stop!r} must be a sequence of non-empty strings")
         if problems:
             raise ValueError("invalid SamplingSpec: " + "; ".join(problems))
 
@@ -60,11 +71,13 @@ class SamplingSpec:
 @dataclass
 class Sample:
     token_ids: list[int]
-    """Response tokens; ends with EOS when finish_reason is "stop"."""
+    """Response tokens; ends with EOS, or the token completing a stop string, when
+    finish_reason is "stop"."""
     text: str
-    """The response decoded with special tokens (EOS, padding) skipped."""
+    """The response decoded with special tokens (EOS, padding) skipped, and cut before the
+    stop string it ended with."""
     finish_reason: str
-    """"stop" (ended with EOS) or "length" (hit max_new_tokens)."""
+    """"stop" (ended with EOS or a stop string) or "length" (hit max_new_tokens)."""
     logprobs: list[float]
     """logprobs[i] = log-prob of token_ids[i] under the distribution it was sampled from."""
 
@@ -119,26 +132,64 @@ def local_checkpoint(checkpoint_dir: str | os.PathLike) -> Iterator[str]:
         yield materialise(checkpoint_dir, tmp)
 
 
-def vllm_importable() -> bool:
+def vllm_import_error() -> str | None:
+    """Why vLLM does not import here, or None when it does."""
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # an ImportError, or a broken build (CUDA vllm on a CPU box)
         log.debug("vllm not importable: %r", exc)
-        return False
-    return True
+        return repr(exc)
+    return None
 
 
-def make_engine(kind: str, model_path: str, *, dtype: str = "float32", kv_cache_gb: float = 1.0,
-                seed: int = 0, tensor_parallel: int = 1) -> GenerationEngine:
-    """`kind`: "vllm", "hf", or "auto" (vLLM where it imports, else HF). Logs its choice."""
+def vllm_importable() -> bool:
+    return vllm_import_error() is None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_engine(kind: str, cuda: bool, vllm_error: str | None) -> tuple[str, str]:
+    """(engine, why) for `kind` on a process with or without CUDA, where vLLM imports
+    (`vllm_error` None) or not. On CUDA a missing vLLM is an error naming it, never a silent
+    fall back to HF generate; only `auto` on a CPU falls back (the caller logs a warning)."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine kind {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
-    if kind == "auto":
-        chosen = "vllm" if vllm_importable() else "hf"
-        reason = "vllm imports" if chosen == "vllm" else "vllm does not import"
+    if kind == "hf":
+        return "hf", "requested"
+    if vllm_error is None:
+        return "vllm", "requested" if kind == "vllm" else "vllm imports"
+    if kind == "vllm" or cuda:
+        where = "on this CUDA machine" if cuda else "here"
+        raise EngineUnavailable(
+            f"generation engine {kind} ({'vLLM' if kind == 'vllm' else 'auto -> vLLM'}): vLLM "
+            f"does not import {where} ({vllm_error}); install vLLM, or set engine: hf "
+            "explicitly to use HF generate")
+    return "hf", f"vllm does not import: {vllm_error}"
+
+
+def make_engine(kind: str, model_path: str, *, dtype: str = "auto", kv_cache_gb: float = 1.0,
+                seed: int = 0, tensor_parallel: int = 1,
+                cuda: bool | None = None) -> GenerationEngine:
+    """`kind`: "vllm", "hf", or "auto" (vLLM where it imports; HF only on a CPU, with a
+    warning). `dtype`: model.dtype, `auto` = bfloat16 on CUDA, float32 on CPU
+    (`dqo_ray.device`). `cuda`: whether this process has CUDA (default: torch says)."""
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine kind {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
+    cuda = cuda_available() if cuda is None else cuda
+    vllm_error = None
+    if kind != "hf" and not vllm_importable():
+        vllm_error = vllm_import_error() or "no vllm"
+    chosen, reason = choose_engine(kind, cuda, vllm_error)
+    if kind == "auto" and chosen == "hf":
+        log.warning("generation engine: hf (%s; kind=auto, no CUDA: the slow fallback) for %s",
+                    reason, model_path)
     else:
-        chosen, reason = kind, "requested"
-    log.info("generation engine: %s (%s; kind=%s) for %s", chosen, reason, kind, model_path)
+        log.info("generation engine: %s (%s; kind=%s) for %s", chosen, reason, kind,
+                 model_path)
     if chosen == "vllm":
         from actors.engines.vllm_engine import VLLMEngine
 

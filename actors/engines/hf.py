@@ -7,6 +7,10 @@ token under the renormalised nucleus distribution. `top_k=0` is passed explicitl
 default top_k=50 would silently truncate the distribution. The model's own generation_config
 (which may carry sampling defaults such as top_k or repetition_penalty) is replaced by a clean
 one holding only the special-token ids, so nothing but the SamplingSpec shapes the distribution.
+
+Stop strings (`SamplingSpec.stop`) are checked on text, as vLLM does, by a stopping criterion
+that decodes each row's last few tokens after every step; the step at which a row's text first
+holds one is where its response ends.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import random
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from actors.engines.base import Sample, SamplingSpec, local_checkpoint
 from dqo_ray.models import load_policy, load_tokenizer, resolve_dtype
@@ -29,12 +33,42 @@ def _as_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+class _StopStrings(StoppingCriteria):
+    """Ends a row once the decoded text of its last tokens holds a stop string, and records
+    the response position of the token that completed it (`ends[row]`)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.start = tokenizer, stops, prompt_width
+        # A stop string of L characters spans at most L tokens when each decodes to at least
+        # one character; the margin covers tokens that decode to nothing (special ones).
+        self.window = max(map(len, stops)) + 4
+        self.ends: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        position = input_ids.shape[1] - 1 - self.start  # of the newest response token
+        tails = self.tokenizer.batch_decode(
+            input_ids[:, max(self.start, input_ids.shape[1] - self.window):].tolist(),
+            skip_special_tokens=True)
+        hit = [any(stop in tail for stop in self.stops) for tail in tails]
+        for row, found in enumerate(hit):
+            if found:
+                self.ends.setdefault(row, position)
+        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the stop string in it that ends first, ties to the first listed (vLLM's
+    choice)."""
+    found = [(i + len(stop), k, i) for k, stop in enumerate(stops) if (i := text.find(stop)) >= 0]
+    return text[:min(found)[2]] if found else text
+
+
 class HFEngine:
     """transformers `generate`, prompts left-padded and batched by length."""
 
     name = "hf"
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0,
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0,
                  device: str | None = None, batch_prompts: int = 32,
                  scores_budget_gb: float = 1.0) -> None:
         """batch_prompts: most prompts per `generate` call. scores_budget_gb bounds the per-step
@@ -111,8 +145,10 @@ class HFEngine:
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
         )
+        stops = _StopStrings(self.tokenizer, tuple(spec.stop), width) if spec.stop else None
         out = self.model.generate(input_ids=ids.to(self.device),
-                                  attention_mask=mask.to(self.device), generation_config=config)
+                                  attention_mask=mask.to(self.device), generation_config=config,
+                                  stopping_criteria=StoppingCriteriaList([stops] if stops else []))
         new = out.sequences[:, width:]  # [B*n, T]; row b*n + j = sample j of prompt b
         logprobs = torch.stack([
             torch.log_softmax(score.float(), dim=-1).gather(-1, new[:, t : t + 1]).squeeze(-1)
@@ -127,13 +163,21 @@ class HFEngine:
                 row = b * spec.n + j
                 tokens = new[row].tolist()
                 end = next((t for t, tok in enumerate(tokens) if tok in self.eos_ids), None)
-                if end is None:
-                    finish = "length"
+                stop_end = stops.ends.get(row) if stops else None
+                if stop_end is not None and (end is None or stop_end < end):
+                    tokens = tokens[: stop_end + 1]
+                    text = _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                        stops.stops)
+                    finish = "stop"
                 else:
-                    tokens, finish = tokens[: end + 1], "stop"
+                    if end is None:
+                        finish = "length"
+                    else:
+                        tokens, finish = tokens[: end + 1], "stop"
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 per_prompt.append(Sample(
                     token_ids=tokens,
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    text=text,
                     finish_reason=finish,
                     logprobs=logprobs[row, : len(tokens)].tolist(),
                 ))

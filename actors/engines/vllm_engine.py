@@ -25,10 +25,12 @@ import os
 import random
 import shutil
 import tempfile
+from typing import Any
 
 import torch
 
 from actors.engines.base import Sample, SamplingSpec, is_uri, local_checkpoint, materialise
+from dqo_ray.device import resolve_dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,31 @@ class DQOWorkerExtension:
         return count
 
 
+def llm_arguments(model: str, dtype: str, seed: int, tensor_parallel: int,
+                  on_cpu: bool) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of an engine (pure: no vLLM import)."""
+    kwargs: dict[str, Any] = dict(
+        model=model, dtype=resolve_dtype_name(dtype, cuda=not on_cpu), seed=seed,
+        tensor_parallel_size=tensor_parallel, logprobs_mode=LOGPROBS_MODE,
+        enforce_eager=on_cpu, worker_extension_cls=f"{__name__}.DQOWorkerExtension")
+    if tensor_parallel > 1:
+        # The TP workers as Ray actors in the engine actor's placement group (captured by
+        # GeneratorPool); vLLM's default multiprocessing would start them outside Ray, on
+        # GPUs Ray did not give this actor.
+        kwargs["distributed_executor_backend"] = "ray"
+    if on_cpu:
+        # vLLM 0.32 on CPU: when a seeded request's prefill is split across steps (chunked
+        # prefill, large batches), vLLM rewinds its generator and crashes with "CPU
+        # Generator does not use offset". Without chunked prefill a prompt that does not
+        # fit waits for the next step whole, so per-request seeds stay usable.
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs
+
+
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", kv_cache_gb: float = 1.0,
+    def __init__(self, model_path: str, *, dtype: str = "auto", kv_cache_gb: float = 1.0,
                  seed: int = 0, tensor_parallel: int = 1, **llm_kwargs) -> None:
         """kv_cache_gb: KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB, rounded up);
         on GPU vLLM's own gpu_memory_utilization applies. Extra keyword arguments go to
@@ -83,18 +106,8 @@ class VLLMEngine:
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gb)))
-        if dtype == "auto":
-            dtype = "float32" if on_cpu else "bfloat16"
-        kwargs = dict(model=local_path, dtype=dtype, seed=seed,
-                      tensor_parallel_size=tensor_parallel, logprobs_mode=LOGPROBS_MODE,
-                      enforce_eager=on_cpu,
-                      worker_extension_cls=f"{__name__}.DQOWorkerExtension")
-        if on_cpu:
-            # vLLM 0.32 on CPU: when a seeded request's prefill is split across steps (chunked
-            # prefill, large batches), vLLM rewinds its generator and crashes with "CPU
-            # Generator does not use offset". Without chunked prefill a prompt that does not
-            # fit waits for the next step whole, so per-request seeds stay usable.
-            kwargs["enable_chunked_prefill"] = False
+        kwargs = llm_arguments(local_path, dtype, seed, tensor_parallel, on_cpu)
+        dtype = kwargs["dtype"]
         kwargs.update(llm_kwargs)
         # An in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, as in tests) initialises a
         # torch.distributed group of one and replaces torch.set_num_threads in this process;
@@ -135,6 +148,9 @@ class VLLMEngine:
                 max_tokens=spec.max_new_tokens, logprobs=0,
                 seed=None if spec.greedy else self._request_seed(base_seed, i),
                 skip_special_tokens=True,
+                # vLLM keeps the token that completes a stop string (and drops any after it)
+                # and cuts the text before the string: the contract of SamplingSpec.stop.
+                stop=list(spec.stop) or None,
             )
             for i in range(len(prompts))
         ]

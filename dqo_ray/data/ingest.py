@@ -279,13 +279,27 @@ class _Tokenise:
                 for ids, reason in zip(encoded, finish, strict=True)]
 
 
+def _over_limit(row: Mapping[str, Any], max_prompt: int | None,
+                max_response: int | None) -> tuple[str, str] | None:
+    """(column, reason) when the row's prompt or response is longer than its limit."""
+    for column, ids, limit, key in (("prompt", row["prompt_ids"], max_prompt, "max_prompt_tokens"),
+                                    ("response", row["response_ids"], max_response,
+                                     "max_response_tokens")):
+        if limit is not None and len(ids) > limit:
+            return column, (f"has {len(ids)} tokens, more than data.{key} ({limit}); raise "
+                            "the limit or shorten the record")
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # The ingest
 # --------------------------------------------------------------------------------------------
 
 def ingest_file(path: str, store: TrajectoryStore, tokenizer, *, round: int = 0,
                 dataset: str | None = None, strict: bool = False, shard_rows: int = 4096,
-                reward_correct: float = 1.0, reward_incorrect: float = 0.0) -> IngestReport:
+                reward_correct: float = 1.0, reward_incorrect: float = 0.0,
+                max_prompt_tokens: int | None = None,
+                max_response_tokens: int | None = None) -> IngestReport:
     """Reads `path` (.jsonl or .parquet), tokenises, validates and writes it to `store`.
 
     Records are numbered by 1-based line (JSONL) or 0-based row (Parquet) in every message.
@@ -294,7 +308,10 @@ def ingest_file(path: str, store: TrajectoryStore, tokenizer, *, round: int = 0,
     `strict`, the first bad record raises IngestError naming file, line and reason; all
     records are checked before the first shard is written, so nothing is written then.
     Rows already in the store (same traj_id) are rejected as duplicates in both modes; they
-    are not "bad", so a strict re-run is a no-op instead of an error.
+    are not "bad", so a strict re-run is a no-op instead of an error. A row whose tokenised
+    prompt or response is longer than `max_prompt_tokens` / `max_response_tokens`
+    (data.max_prompt_tokens / data.max_response_tokens) is a bad record: rejected, never cut
+    (a cut response would be graded on text it no longer has).
     """
     path = os.fspath(path)
     if shard_rows < 1:
@@ -377,6 +394,8 @@ def ingest_file(path: str, store: TrajectoryStore, tokenizer, *, round: int = 0,
             problems = validate_row(row)
             if problems:
                 reject(row_no, traj_id, *problems[0])
+            elif too_long := _over_limit(row, max_prompt_tokens, max_response_tokens):
+                reject(row_no, traj_id, *too_long)
             elif traj_id in existing:
                 reject(row_no, traj_id, "traj_id", DUPLICATE_REASON)
             else:

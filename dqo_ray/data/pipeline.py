@@ -209,12 +209,12 @@ class ReferenceScorer:
     """Actor-pool map_batches class: log pi_ref of each response token, once per trajectory."""
 
     def __init__(self, model_path: str, pad_id: int, use_gpu: bool = False) -> None:
-        from dqo_ray.models import load_policy
+        from dqo_ray.models import load_policy, resolve_dtype
         from dqo_ray.train.step import sequence_logprobs
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = resolve_dtype("auto", self.device)
         self.model = load_policy(model_path, dtype=dtype).to(self.device).eval()
         self.pad_id, self.score = pad_id, sequence_logprobs
 

@@ -6,12 +6,9 @@ summaries) and the results file / report / plot they feed. The evaluator actor
 from dqo_ray.evaluation.metrics import (
     ProblemResult,
     answer_key,
-    latex_answer_key,
     majority_correct,
     majority_vote,
-    numeric_answer_key,
     pass_at_k,
-    register_answer_key,
     summarize,
 )
 from dqo_ray.evaluation.report import (
@@ -26,7 +23,6 @@ from dqo_ray.evaluation.report import (
 
 __all__ = [
     "PLOT_FILE", "REPORT_FILE", "RESULTS_FILE", "ProblemResult", "answer_key",
-    "append_result", "latex_answer_key", "majority_correct", "majority_vote",
-    "numeric_answer_key", "pass_at_k", "read_results", "register_answer_key", "result_row",
-    "summarize", "write_report",
+    "append_result", "majority_correct", "majority_vote", "pass_at_k", "read_results",
+    "result_row", "summarize", "write_report",
 ]

@@ -6,29 +6,19 @@ numbers that go into `results.jsonl`: greedy accuracy, mean sample accuracy, maj
 and, for MATH, breakdowns by subject and level.
 
 Answer keys are what majority voting counts: two samples vote together exactly when their
-keys are equal. They are canonical forms that only merge answers of equal value:
-
-- gsm8k: the exact rational of the final number ("The answer is 1,234." and "#### 1234" ->
-  "1234"; 3.5 -> "7/2").
-- math / math500: the last `\\boxed{}` through `normalize_latex` (spacing, `\\left`/`\\right`,
-  `\\dfrac`, surrounding `$`, `^\\circ`), then plain numbers and integer fractions as exact
-  rationals, so "\\dfrac{1}{2}", "\\frac12", "1/2" and "0.5" all key "1/2". Anything else stays
-  a string: "x+1" and "1+x" are two keys (merging them needs sympy, too slow for every
-  sample; the split can only lower maj@k, never credit a wrong answer).
+keys are equal. Each task defines its key (`Task.answer_key`: canonical forms that only merge
+answers of equal value, e.g. GSM8K's exact rational of the final number, MATH's normalised
+last box); `answer_key` looks it up by task name and never raises on the response.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
-from dqo_ray.tasks.grading import extract_boxed, extract_gsm8k_answer, normalize_latex
-
-AnswerKeyFn = Callable[[str], str | None]
+from dqo_ray.tasks.catalog import get_task
 
 # --------------------------------------------------------------------------------------------
 # pass@k
@@ -56,80 +46,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _fraction_key(value: Fraction) -> str:
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
-
-# Whole-answer numeric forms (after normalize_latex, so without spaces): "-12", "0.50",
-# "3/4", "\frac{3}{4}", "-\frac34" (brace-less arguments are single characters in TeX).
-_PLAIN_NUMBER = re.compile(r"(-?)(\d+(?:\.\d+)?|\.\d+)(?:/(\d+))?")
-_LATEX_FRACTION = re.compile(r"(-?)\\frac(?:\{(\d+)\}|(\d))(?:\{(\d+)\}|(\d))")
-
-
-def _numeric_latex(s: str) -> Fraction | None:
-    m = _PLAIN_NUMBER.fullmatch(s)
-    if m:
-        num, den = Fraction(m.group(2)), Fraction(m.group(3) or 1)
-    else:
-        m = _LATEX_FRACTION.fullmatch(s)
-        if not m:
-            return None
-        num, den = Fraction(m.group(2) or m.group(3)), Fraction(m.group(4) or m.group(5))
-    if den == 0:
-        return None
-    return -num / den if m.group(1) else num / den
-
-
-def latex_answer_key(response: str) -> str | None:
-    """The key of a `\\boxed{}` answer (see the module docstring), or None without one."""
-    boxed = extract_boxed(response)
-    if boxed is None:
-        return None
-    s = normalize_latex(boxed)
-    if not s:
-        return None
-    value = _numeric_latex(s)
-    return _fraction_key(value) if value is not None else s
-
-
-def numeric_answer_key(response: str) -> str | None:
-    """The key of a GSM8K-style final number ("18", "-7/2"), or None without one."""
-    value = extract_gsm8k_answer(response)
-    return _fraction_key(value) if value is not None else None
-
-
-def _generic_answer_key(response: str) -> str | None:
-    # A task without its own key: a boxed answer when there is one, else the final number.
-    if extract_boxed(response) is not None:
-        return latex_answer_key(response)
-    return numeric_answer_key(response)
-
-
-_ANSWER_KEYS: dict[str, AnswerKeyFn] = {
-    "gsm8k": numeric_answer_key,
-    "math": latex_answer_key,
-    "math500": latex_answer_key,
-}
-
-
-def register_answer_key(task: str, fn: AnswerKeyFn, *, replace: bool = False) -> None:
-    """Registers `fn(response) -> key | None` for `task`; tasks without one use the boxed
-    answer when present, else the final number."""
-    if task in _ANSWER_KEYS and not replace:
-        raise ValueError(f"an answer key for task {task!r} is already registered "
-                         "(pass replace=True to override it)")
-    _ANSWER_KEYS[task] = fn
-
-
 def answer_key(task: str, response: str) -> str | None:
     """Canonical final answer of `response` for majority voting, or None when it has none.
 
     Never raises on the response text (like grading: odd text means "no answer").
     """
+    key = get_task(task).answer_key  # an unknown task raises, as grading does
     if not isinstance(response, str) or not response:
         return None
     try:
-        return _ANSWER_KEYS.get(task, _generic_answer_key)(response)
+        return key(response)
     except Exception:  # pragma: no cover - extraction is written not to raise
         return None
 

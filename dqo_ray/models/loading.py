@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from dqo_ray.device import resolve_dtype_name
 from dqo_ray.models.value import ValueModel
 
 log = logging.getLogger(__name__)
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """`auto` = bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slower here)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    """model.dtype on `device` as a torch dtype; the rule (`auto` = bfloat16 on CUDA, float32
+    elsewhere) is `dqo_ray.device.resolve_dtype_name`."""
+    cuda = torch.device(device).type == "cuda"
+    return getattr(torch, resolve_dtype_name(name, cuda))
 
 
 def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

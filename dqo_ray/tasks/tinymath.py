@@ -38,6 +38,11 @@ Sources accepted by `load_problems("tinymath", source, split, limit)`: None (the
 generator, universe seed 0), "seed=N" (another universe; splits stay disjoint across
 universes too, since the split depends on the text only), or a local .jsonl / .parquet file
 (or folder with `<split>.jsonl`) of records {"question", "answer", optional "solution"}.
+
+The task record `TINYMATH`: the prompt is the short TINYMATH_INSTRUCTION (every prompt token
+costs a tiny model); grading takes the integer right after the last `The answer is` of the
+response (exact case, as the solutions write it) and compares it with the gold integer, so a
+response without one (none, a decimal, a last anchor without a number) grades False.
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ import hashlib
 import random
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from string import Formatter
 from typing import Any, TypeVar
 
-from dqo_ray.tasks.datasets import Problem
-from dqo_ray.tasks.prompts import TINYMATH_INSTRUCTION
+from dqo_ray.tasks.answers import extract_boxed
+from dqo_ray.tasks.gsm8k import numeric_answer_key
+from dqo_ray.tasks.math import latex_answer_key
+from dqo_ray.tasks.task import DatasetFormatError, Problem, Task, optional_text, text_field
 
 _T = TypeVar("_T")
 
@@ -62,6 +69,7 @@ DEFAULT_SEED = 0
 DEFAULT_SIZES = {"warm": 10_000, "train": 10_000, "test": 1_000}
 """Problems returned for `limit=None` (any limit may ask for more)."""
 ANSWER_PREFIX = "The answer is"
+TINYMATH_INSTRUCTION = "Solve step by step."
 MAX_VALUE = 40
 MIN_STEPS, MAX_STEPS = 2, 4
 
@@ -264,6 +272,23 @@ def flip_subtractions(solution: str, rate: float, key: str) -> str:
     return "\n".join(out)
 
 
+def drop_answer_line(solution: str, rate: float, key: str) -> str:
+    """`solution` as a careless annotator writes it: with probability `rate` (a stable
+    function of `key`) the final "The answer is N." line is left out, so the solution stops
+    after its last step.
+
+    Why: a warm start on these demonstrations ends about as often without the answer line as
+    with it, a choice at one place the model can already make either way; the grader reads
+    only the stated answer, so outcome rewards can correct it and more supervised training
+    on the same set cannot. Solutions without a final answer line are returned unchanged.
+    """
+    lines = solution.split("\n")
+    if rate <= 0 or len(lines) < 2 or not lines[-1].startswith(ANSWER_PREFIX):
+        return solution
+    digest = hashlib.blake2b(f"{key}:answer".encode(), digest_size=8).digest()
+    return "\n".join(lines[:-1]) if int.from_bytes(digest, "big") / 2**64 < rate else solution
+
+
 def split_of(question: str) -> str:
     """The split a question belongs to: a stable hash of its text (never Python's hash())."""
     digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()
@@ -343,3 +368,93 @@ def generate(split: str, limit: int | None = None, *, seed: int = DEFAULT_SEED) 
     return [Problem(f"tinymath/{split}/{i}", "tinymath", question, str(answer), solution,
                     {"split": split, "level": steps})
             for i, (question, solution, answer, steps) in enumerate(_stream(seed, split).take(n))]
+
+
+def _generated(source: str | None, split: str, limit: int | None) -> list[Problem] | None:
+    seed = generator_seed(source)
+    return None if seed is None else generate(split, limit, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The task: file records, prompt, grading, answer key
+# --------------------------------------------------------------------------------------------
+
+def parse_record(record: Mapping[str, Any], split: str, index: int, where: str) -> Problem:
+    """A file record {"question", "answer" (a non-negative integer), optional "solution"}."""
+    question = text_field(record, "question", where)
+    answer = record.get("answer")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip().isdigit():
+        raise DatasetFormatError(f"{where}: field 'answer' must be a non-negative integer, "
+                                 f"got {answer!r}")
+    solution = optional_text(record, "solution", where)
+    meta: dict[str, Any] = {"split": split}
+    if record.get("level") is not None:
+        meta["level"] = record["level"]
+    return Problem(f"tinymath/{split}/{index}", "tinymath", question, answer.strip(), solution,
+                   meta)
+
+
+def _no_hub(split: str) -> tuple[str, str | None]:
+    raise ValueError("tinymath has no hub dataset: use source None or 'seed=N' (the built-in "
+                     "generator), or a local .jsonl/.parquet file or folder")
+
+
+def render_solution(problem: Problem) -> str:
+    # The generator's solution already ends in "The answer is N."; a file record may lack one.
+    return problem.solution or f"{ANSWER_PREFIX} {problem.answer}."
+
+
+_INTEGER = re.compile(r"\s*(-?\d{1,30})(?!\d|\.\d)")
+
+
+def extract_tinymath_answer(response: str) -> int | None:
+    """The integer right after the last "The answer is" of `response` (exact case, as the
+    solutions write it), or None: no anchor, a decimal, or a last anchor without a number
+    (an earlier anchor never stands in for it)."""
+    if not isinstance(response, str):
+        return None
+    at = response.rfind(ANSWER_PREFIX)
+    if at < 0:
+        return None
+    m = _INTEGER.match(response, at + len(ANSWER_PREFIX))
+    return int(m.group(1)) if m else None
+
+
+def _gold_int(gold: str) -> int | None:
+    m = _INTEGER.fullmatch(str(gold).strip())
+    return int(m.group(1)) if m else None
+
+
+def grade(response: str, gold: str) -> bool:
+    """The response's answer-line integer equals the gold integer."""
+    expected = _gold_int(gold)
+    return expected is not None and extract_tinymath_answer(response) == expected
+
+
+def grade_batch(responses: Sequence[str], golds: Sequence[str]) -> list[bool]:
+    """`grade` over a batch (no pool work: the per-call overhead is all it saves)."""
+    return [grade(r, g) for r, g in zip(responses, golds, strict=True)]
+
+
+def answer_key(response: str) -> str | None:
+    """Majority votes count answers as the other tasks read them: a boxed answer as MATH's
+    key, else the final number as GSM8K's."""
+    if extract_boxed(response) is not None:
+        return latex_answer_key(response)
+    return numeric_answer_key(response)
+
+
+TINYMATH = Task(
+    name="tinymath",
+    parse=parse_record,
+    hub=_no_hub,
+    instruction=TINYMATH_INSTRUCTION,
+    render_solution=render_solution,
+    grade=grade,
+    grade_batch=grade_batch,
+    answer_key=answer_key,
+    generator=_generated,
+    vocabulary=TINYMATH_WORDS,
+)

@@ -4,7 +4,10 @@ An engine owns one model, its optimizer and LR schedule. The loop calls, per mic
 `engine(...)` (forward), `engine.backward(loss)` and `engine.step()`; the optimizer update
 happens once every `grad_accum_steps` micro-batches, with gradient clipping. Policy and value
 get one engine each, so they have separate learning rates, schedules and optimizer states.
-`trainer.engine: auto` picks DeepSpeed when it imports, else torch, and logs the choice.
+`trainer.engine: auto` picks DeepSpeed; only a CPU worker may fall back to torch (a warning):
+on a GPU worker, and whenever DeepSpeed is asked for by name, a DeepSpeed that does not import
+is an error. bf16 keeps fp32 master weights in both engines (DeepSpeed's bf16 optimizer; torch:
+fp32 parameters and AdamW state, bf16 autocast forward).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dqo_ray.config import TrainerConfig
+from dqo_ray.device import EngineUnavailable, choose_device
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +54,48 @@ def lr_multiplier(step: int, cfg: TrainerConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_engine_kind(kind: str) -> str:
-    if kind != "auto":
+def import_deepspeed(cuda: bool) -> Any:
+    """Imports DeepSpeed for a process that trains on CUDA (`cuda`) or on the CPU.
+
+    DeepSpeed picks its accelerator once, at its first import, from DS_ACCELERATOR: it is set
+    here from what this process has (never inherited from the driver, which may be a CPU
+    machine), and the accelerator DeepSpeed ends up with is checked."""
+    want = choose_device(cuda).ds_accelerator
+    if os.environ.get("DS_ACCELERATOR") != want:
+        log.info("DS_ACCELERATOR=%s (was %s): this process trains on %s", want,
+                 os.environ.get("DS_ACCELERATOR"), "CUDA" if cuda else "the CPU")
+        os.environ["DS_ACCELERATOR"] = want
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except Exception as exc:  # an ImportError, or a broken build (missing CUDA libraries)
+        raise EngineUnavailable(f"DeepSpeed does not import: {exc!r}") from exc
+    have = get_accelerator().device_name()
+    if have != want:
+        raise RuntimeError(f"DeepSpeed runs on the {have!r} accelerator but this process trains "
+                           f"on {want!r}: DeepSpeed was imported before DS_ACCELERATOR was set (transformers "
+                           "imports it when it loads a model: set it before, from "
+                           "dqo_ray.device.choose_device)")
+    return deepspeed
+
+
+def resolve_engine_kind(kind: str, cuda: bool = False) -> str:
+    """trainer.engine -> "deepspeed" or "torch". A DeepSpeed that does not import is an error
+    naming it, except for `auto` on a CPU worker, which falls back to torch (logged)."""
+    if kind == "torch":
         return kind
     try:
-        import deepspeed  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - deepspeed is a pinned dependency here
-        log.warning("trainer.engine=auto: DeepSpeed unavailable (%s); using plain torch", exc)
+        import_deepspeed(cuda)
+    except EngineUnavailable as exc:
+        if kind == "deepspeed" or cuda:
+            where = "a GPU worker" if cuda else "this worker"
+            raise EngineUnavailable(
+                f"trainer.engine={kind}: {exc} on {where}; install DeepSpeed there, or set "
+                "trainer.engine: torch (plain torch DDP) explicitly") from exc
+        log.warning("trainer.engine=auto: %s; training with plain torch DDP on the CPU", exc)
         return "torch"
-    log.info("trainer.engine=auto: using DeepSpeed")
+    if kind == "auto":
+        log.info("trainer.engine=auto: using DeepSpeed (%s)", "CUDA" if cuda else "CPU")
     return "deepspeed"
 
 
@@ -101,9 +138,9 @@ def clear_stale_build_lock(name: str = SHM_OP, built_grace_s: float = 60.0,
 
 class DeepSpeedTrainEngine:
     def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig, bf16: bool) -> None:
-        import deepspeed
-
-        if not torch.cuda.is_available():
+        cuda = next(model.parameters()).device.type == "cuda"
+        deepspeed = import_deepspeed(cuda)
+        if not cuda:
             clear_stale_build_lock()
         optimizer, schedule = _optimizer_and_schedule(model, lr, cfg)
         config = {
@@ -147,17 +184,24 @@ class DeepSpeedTrainEngine:
 
 
 class TorchTrainEngine:
-    """Plain torch with DDP when a process group exists; same semantics as the DeepSpeed one."""
+    """Plain torch with DDP when a process group exists; same semantics as the DeepSpeed one.
 
-    def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig) -> None:
-        self.module = model
+    bf16 = mixed precision: parameters, gradients and AdamW state stay fp32 (the master copy;
+    AdamW on bf16 weights loses updates smaller than the weight's 8-bit mantissa), the forward
+    runs under bf16 autocast."""
+
+    def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig,
+                 bf16: bool = False) -> None:
+        self.module = model.float() if bf16 else model
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.model = nn.parallel.DistributedDataParallel(model) if distributed else model
         self.optimizer, self.schedule = _optimizer_and_schedule(model, lr, cfg)
-        self.cfg, self.micro_steps = cfg, 0
+        self.cfg, self.micro_steps, self.bf16 = cfg, 0, bf16
 
     def __call__(self, **inputs: Any) -> Any:
-        return self.model(**inputs)
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum_steps).backward()
@@ -198,9 +242,7 @@ def build_engine(kind: str, model: nn.Module, lr: float, cfg: TrainerConfig,
                  bf16: bool = False) -> TrainEngine:
     if kind == "deepspeed":
         return DeepSpeedTrainEngine(model, lr, cfg, bf16)
-    if bf16:
-        model = model.to(torch.bfloat16)
-    return TorchTrainEngine(model, lr, cfg)
+    return TorchTrainEngine(model, lr, cfg, bf16)
 
 
 def init_single_process_group() -> None:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dqo_ray.config import AlgoConfig, Config
+from dqo_ray.device import collective_device
 from dqo_ray.models import load_policy, load_tokenizer, load_value, resolve_dtype
 from dqo_ray.train.engines import TrainEngine, build_engine, resolve_engine_kind
 from dqo_ray.train.step import loss_on_batch
@@ -74,19 +75,27 @@ class WorkerIO:
     """Rank 0's sink for every report (dqo_ray.tracking.MetricsLogger.log)."""
 
 
-def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
+def _reduce_device(device: torch.device) -> torch.device:
+    """Where an all-reduce tensor must live: NCCL (GPU workers) reduces CUDA tensors only."""
+    return torch.device(collective_device(dist.get_backend(), str(device)))
+
+
+def _mean_across_ranks(values: dict[str, float], world_size: int,
+                       device: torch.device) -> dict[str, float]:
     if world_size == 1 or not dist.is_initialized():
         return values
     keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                          device=_reduce_device(device))
     dist.all_reduce(packed)
     return dict(zip(keys, (packed / world_size).tolist(), strict=True))
 
 
-def _sum_across_ranks(value: float, world_size: int) -> float:
+def _sum_across_ranks(value: float, world_size: int,
+                      device: torch.device) -> float:
     if world_size == 1 or not dist.is_initialized():
         return value
-    packed = torch.tensor([value], dtype=torch.float64)
+    packed = torch.tensor([value], dtype=torch.float64, device=_reduce_device(device))
     dist.all_reduce(packed)
     return float(packed.item())
 
@@ -103,7 +112,7 @@ def export_hf(engine: TrainEngine, folder: Path, rank: int, tokenizer_src: str |
 def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
     """Trains until trainer.max_steps global steps are done; returns the final state."""
     tcfg, acfg = cfg.trainer, cfg.algo
-    kind = resolve_engine_kind(tcfg.engine)
+    kind = resolve_engine_kind(tcfg.engine, cuda=io.device.type == "cuda")
     dtype = resolve_dtype(cfg.model.dtype, io.device)
     bf16 = dtype == torch.bfloat16
     policy = load_policy(policy_path)
@@ -160,7 +169,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
             state.step += 1
             state.step_in_epoch += 1
             state.rows += rows_per_step
-            step_tokens = int(_sum_across_ranks(tokens, io.world_size))
+            step_tokens = int(_sum_across_ranks(tokens, io.world_size, io.device))
             state.tokens += step_tokens
             window_tokens += step_tokens
             window.append(step_metrics)
@@ -170,7 +179,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                 elapsed = time.perf_counter() - window_start
                 metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                 metrics["data_wait_frac"] = wait_total / max(elapsed, 1e-9)
-                metrics = _mean_across_ranks(metrics, io.world_size)
+                metrics = _mean_across_ranks(metrics, io.world_size, io.device)
                 done = state.step - start_step
                 rate = done / max(time.perf_counter() - run_start, 1e-9)
                 metrics.update(step=state.step, epoch=state.epoch, rows=state.rows,

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,13 @@ import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from dqo_ray.config import Config, from_dict, to_dict
 from dqo_ray.data.groups import outcome_mix
 from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.device import choose_device
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import WORKER_ENV, init_ray, record_placement
 from dqo_ray.tracking import MetricsLogger
@@ -50,6 +52,10 @@ def _worker_main(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    device = _worker_device(cfg.trainer.use_gpu, rank)
+    # DS_ACCELERATOR from this worker's device, before anything imports DeepSpeed
+    # (transformers does, when it loads a model or tokenizer).
+    os.environ.update(choose_device(device.type == "cuda").env)
     record_placement(config["run_dir"], "train-worker", rank)
     if rank == 1 and config.get("pid_file"):  # lets tests kill a real worker process
         Path(config["pid_file"]).write_text(str(os.getpid()))
@@ -78,7 +84,6 @@ def _worker_main(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     resume_dir = Path(resume.to_directory(str(scratch / "resume"))) if resume else None
     ledger = Path(config["ledger"]) if config.get("ledger") else None
-    device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
     logger = MetricsLogger(config["run_dir"], cfg.run, config["config"]) if rank == 0 else None
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
@@ -91,6 +96,18 @@ def _worker_main(config: dict[str, Any]) -> None:
         log_metrics=log_metrics if logger else None))
     if logger is not None:
         logger.close()
+
+
+def _worker_device(use_gpu: bool, rank: int) -> torch.device:
+    """The GPU Ray Train gave this worker (trainer.use_gpu), else the CPU. Not
+    torch.cuda.is_available() alone: Ray leaves GPUs visible to a worker that asked for none."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.use_gpu: train worker {rank} on {socket.gethostname()} "
+                           "got a GPU from Ray but torch sees no CUDA device (a CPU-only torch "
+                           "build, or no driver on that node)")
+    return ray.train.torch.get_device()
 
 
 def _resume_epoch(run_dir: Path) -> int:
@@ -148,6 +165,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
                            "data_stats": {"mixed_prompt_frac": mix["mixed_prompt_frac"]}},
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend=choose_device(tcfg.use_gpu).backend),
         run_config=RunConfig(
             name="train", storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),

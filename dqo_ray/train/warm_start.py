@@ -16,7 +16,7 @@ from dqo_ray.config import Config
 from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems, render_solution
 from dqo_ray.tasks.items import prompt_items
-from dqo_ray.tasks.tinymath import flip_subtractions
+from dqo_ray.tasks.tinymath import drop_answer_line, flip_subtractions
 from dqo_ray.train.sft import SFTExample, SFTSettings, sft_cache_key, supervised_finetune
 
 
@@ -35,6 +35,8 @@ def warm_start_examples(cfg: Config, tokenizer: Any) -> list[SFTExample]:
         solution = render_solution(problem, cfg.task.name)
         if ws.flip_subtractions:
             solution = flip_subtractions(solution, ws.flip_subtractions, problem.problem_id)
+        if ws.drop_answer_line:
+            solution = drop_answer_line(solution, ws.drop_answer_line, problem.problem_id)
         target = tokenizer(solution, add_special_tokens=False)["input_ids"]
         examples.append(SFTExample(list(item.prompt_ids), [*target, tokenizer.eos_token_id]))
     return examples
