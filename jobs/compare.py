@@ -33,6 +33,7 @@ from dqo_ray.runtime import ENGINE_LOG, init_ray
 from dqo_ray.train.sft import supervised_finetune
 from dqo_ray.train.warm_start import cache_dir, warm_start_examples, warm_start_settings
 from jobs.pipeline import Pipeline
+from jobs.preflight import check_run_inputs
 
 log = logging.getLogger("jobs.compare")
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        check_run_inputs(cfg)
         init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
         began = time.perf_counter()
         out = compare(cfg)

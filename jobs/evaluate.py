@@ -17,6 +17,7 @@ from pathlib import Path
 
 from actors.evaluator import Evaluator
 from dqo_ray.config import ConfigError, add_config_args, config_from_args, save_resolved
+from dqo_ray.tasks.datasets import check_sources
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     try:
         cfg = config_from_args(args)
+        check_sources(cfg, task=False)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

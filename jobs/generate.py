@@ -18,6 +18,7 @@ from dqo_ray.config import ConfigError, add_config_args, config_from_args, save_
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import init_ray
+from dqo_ray.tasks.datasets import check_sources
 from dqo_ray.tasks.items import load_items
 
 log = logging.getLogger("jobs.generate")
@@ -33,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        checkpoint = args.checkpoint or resolve_checkpoint(cfg.model.policy, cfg.run.run_dir,
-                                                           "model.policy")
+        checkpoint = resolve_checkpoint(args.checkpoint, cfg.run.run_dir, "--checkpoint") \
+            if args.checkpoint else resolve_checkpoint(cfg.model.policy, cfg.run.run_dir,
+                                                       "model.policy")
+        check_sources(cfg, evaluation=False)
+        tokenizer = load_tokenizer(checkpoint)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     save_resolved(cfg, cfg.run.run_dir)
-    items = load_items(cfg.task, load_tokenizer(checkpoint), cfg.run.seed)
+    items = load_items(cfg.task, tokenizer, cfg.run.seed)
     log.info("%d prompts from %s/%s", len(items), cfg.task.name, cfg.task.split)
     init_ray(cfg.ray)
     pool = GeneratorPool(cfg, checkpoint)

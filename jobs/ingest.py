@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("tokenizer %s is not a local folder: treating it as a hub name", tokenizer_path)
     try:
         tokenizer = load_tokenizer(tokenizer_path)
-    except (OSError, ValueError) as exc:
-        print(f"cannot load the tokenizer {tokenizer_path!r}: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return 2
     store = TrajectoryStore(cfg.store)
     try:
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                              reward_incorrect=cfg.algo.reward_incorrect,
                              max_prompt_tokens=cfg.data.max_prompt_tokens,
                              max_response_tokens=cfg.data.max_response_tokens)
-    except (IngestError, StoreError) as exc:
+    except (IngestError, StoreError) as exc:  # the input file or the store: the user's to fix
         print(f"ingest failed: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(report.summary())
     print(f"store {store.root}: round {args.round} now has {store.num_rows([args.round])} rows")
     for error in report.rejected[:MAX_ERRORS_SHOWN]:

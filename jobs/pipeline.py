@@ -51,6 +51,7 @@ from dqo_ray.tasks import get_task, load_problems
 from dqo_ray.tasks.items import load_items
 from dqo_ray.train.ray_trainer import train_on_store
 from dqo_ray.train.warm_start import warm_start
+from jobs.preflight import check_run_inputs
 
 log = logging.getLogger("jobs.pipeline")
 
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        check_run_inputs(cfg)
         state = RunState(cfg.run.run_dir, config_to_dict(cfg))
     except (ConfigError, StateError) as exc:
         print(exc, file=sys.stderr)

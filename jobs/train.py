@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = resolve_checkpoint(cfg.model.policy, cfg.run.run_dir, "model.policy")
         reference = resolve_checkpoint(cfg.model.reference or cfg.model.policy, cfg.run.run_dir,
                                        "model.reference")
+        if cfg.model.value is not None and cfg.algo.has_value_model:
+            resolve_checkpoint(cfg.model.value, cfg.run.run_dir, "model.value")
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -246,7 +246,7 @@ def test_cli_ingests_and_reports(tmp_path, capsys, tiny_checkpoint):
 
     code, out, err = run_cli(tmp_path, capsys, "--input", str(path), "--strict",
                              "--tokenizer", str(tiny_checkpoint))
-    assert code == 1 and f"ingest failed: {path} line 3: is not valid JSON" in err
+    assert code == 2 and f"ingest failed: {path} line 3: is not valid JSON" in err
 
 
 def test_cli_tiny_policy_needs_a_tokenizer(tmp_path, capsys):

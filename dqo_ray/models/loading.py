@@ -37,7 +37,15 @@ def load_value(value_path: str | os.PathLike | None, policy_path: str | os.PathL
 
 
 def load_tokenizer(path: str | os.PathLike):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    """The folder's (or hub name's) tokenizer, with a pad token. Raises ConfigError naming
+    the folder when it holds no loadable tokenizer (missing or damaged files)."""
+    from dqo_ray.config import ConfigError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([f"{path}: cannot load its tokenizer ({first})"]) from exc
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; padding is masked out everywhere here.
         tokenizer.pad_token = tokenizer.eos_token

@@ -22,6 +22,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from dqo_ray.config import Config, ConfigError
 from dqo_ray.tasks.catalog import get_task
 from dqo_ray.tasks.task import DatasetFormatError, Problem
 
@@ -106,6 +107,27 @@ def resolve_source(task: str, source: str | None, split: str) -> Path | tuple[st
     name, _, config = source.partition(":")
     default_name, default_config = task_def.hub(split)
     return name, (config or (default_config if name == default_name else None))
+
+
+def check_sources(cfg: Config, task: bool = True, evaluation: bool = True) -> None:
+    """Raises ConfigError naming every local data source of the run (task.source,
+    eval.sources of the evaluated datasets) that does not exist, before anything starts."""
+    named = []
+    if task and cfg.task.source is not None:
+        named.append(("task.source", cfg.task.name, cfg.task.source, cfg.task.split))
+    if evaluation:
+        named += [(f"eval.sources.{name}", name, source, cfg.eval.split)
+                  for name, source in cfg.eval.sources.items() if name in cfg.eval.datasets]
+    problems = []
+    for key, name, source, split in named:
+        if not _looks_like_path(source) and not Path(source).expanduser().exists():
+            continue  # a hub name (or tinymath's "seed=N"): nothing local to check
+        try:
+            resolve_source(name, source, split)
+        except FileNotFoundError as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def load_problems(task: str, source: str | None, split: str,
