@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from dqo_ray.config import load_config  # noqa: E402
 from dqo_ray.evaluation.compare import gain_differences, paired_gain, problem_scores  # noqa: E402
-from dqo_ray.evaluation.report import _atomic_write  # noqa: E402
+from dqo_ray.io import atomic_write  # noqa: E402
 from dqo_ray.runtime import ENGINE_LOG, init_ray  # noqa: E402
 from jobs.compare import compare  # noqa: E402
 
@@ -119,7 +119,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def verdict(rows: list[dict], vs_rft: dict) -> list[tuple[str, bool | None]]:
@@ -171,7 +171,7 @@ def main() -> None:
     print(text)
     title = f"{args.config}: gains over the warm start, {args.eval_limit} held-out problems"
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "learning.md", lambda f: f.write(f"# {title}\n\n{text}\n".encode()))
+    atomic_write(out / "learning.md", f"# {title}\n\n{text}\n")
     plot(rows, out / "learning.png", title)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with open(RESULTS, "a") as f:

@@ -640,13 +640,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def save_resolved(cfg: Config, run_dir: str | os.PathLike) -> Path:
     """Writes the fully resolved config to run_dir/config.resolved.yaml (atomic rename)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.resolved.yaml"
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    from dqo_ray.io import atomic_write
+
+    return atomic_write(Path(run_dir) / "config.resolved.yaml",
+                        yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dqo_ray.io import atomic_write
+
 STATE_FILE = "pipeline_state.json"
 _NOT_FINGERPRINTED = ({"ray", "eval", "compare", "grading"},
                       {("pipeline", "rounds"), ("pipeline", "overlap")})
@@ -88,8 +90,6 @@ class RunState:
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"config": self.fingerprint, "attempts": self.attempts,
-                                   "stages": self.stages}, indent=1, default=str))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"config": self.fingerprint,
+                                            "attempts": self.attempts,
+                                            "stages": self.stages}, indent=1, default=str))

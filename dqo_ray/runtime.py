@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dqo_ray.config import RayConfig
+from dqo_ray.io import append_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,8 @@ def record_placement(run_dir: str | os.PathLike, role: str, index: int,
                      where: dict[str, Any] | None = None) -> None:
     """Appends where a piece of work runs (node id, address, pid) to run_dir/placement.jsonl:
     `where` as returned by `node_info()` in that process, or this process's own."""
-    row = {"role": role, "index": index, **(where or node_info())}
-    path = Path(run_dir) / PLACEMENT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:  # one short line per O_APPEND write: lines never interleave
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(Path(run_dir) / PLACEMENT_FILE,
+                 {"role": role, "index": index, **(where or node_info())})
 
 
 def node_info() -> dict[str, Any]:

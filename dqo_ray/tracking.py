@@ -3,13 +3,13 @@ Weights & Biases / MLflow when enabled and installed. Only rank 0 logs."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from dqo_ray.config import RunConfig
+from dqo_ray.io import append_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ class MetricsLogger:
                 log.warning("run.mlflow is on but mlflow is not installed; skipping it")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+        append_jsonl(self.jsonl, {**metrics, "time": time.time()})
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:

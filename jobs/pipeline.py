@@ -44,6 +44,7 @@ from dqo_ray.data.pipeline import score_reference
 from dqo_ray.data.store import StoreError, TrajectoryStore
 from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
+from dqo_ray.io import atomic_write
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import ENGINE_LOG, init_ray, record_placement
@@ -286,11 +287,7 @@ def write_pipeline_summary(run_dir: Path, state: RunState, overlap: list[str]) -
         lines.append(f"| {stage} | {record['seconds']:.1f} | {record['attempt']} | {text} |")
     if overlap:
         lines += ["", "Overlap: " + "; ".join(overlap) + "."]
-    path = run_dir / PIPELINE_FILE
-    tmp = path.with_name(f".{PIPELINE_FILE}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(run_dir / PIPELINE_FILE, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ checkpoint (the evaluator's predictions files) and paired gains with confidence 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -12,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dqo_ray.evaluation.report import _atomic_write, round_rows
+from dqo_ray.evaluation.report import round_rows
+from dqo_ray.io import atomic_write, read_jsonl
 
 METRICS = (("greedy_acc", "greedy"), ("sample_acc", "mean sample"))
 
@@ -67,7 +67,7 @@ def write_comparison(out_dir: str | os.PathLike,
     text = (f"# {title}\n\nAccuracy (%) on held-out problems before (start) and after the "
             f"last round; change in points.\n\n{comparison_table(rows)}\n")
     md, png = out_dir / "compare.md", out_dir / "compare.png"
-    _atomic_write(md, lambda f: f.write(text.encode()))
+    atomic_write(md, text)
 
     def plot(f) -> None:
         fig = Figure(figsize=(8, 4.5), dpi=100)
@@ -89,7 +89,7 @@ def write_comparison(out_dir: str | os.PathLike,
         fig.tight_layout()
         fig.savefig(f, format="png")
 
-    _atomic_write(png, plot)
+    atomic_write(png, plot)
     return md, png
 
 
@@ -109,12 +109,10 @@ def problem_scores(run_dir: str | os.PathLike, dataset: str,
         raise FileNotFoundError(f"{folder}: no predictions for dataset {dataset!r}"
                                 + ("" if step is None else f" at step {step}"))
     scores = {}
-    with open(files[-1]) as f:
-        for line in f:
-            row = json.loads(line)
-            samples = row["samples_correct"]
-            scores[row["problem_id"]] = (float(row["correct"]),
-                                         sum(samples) / len(samples) if samples else math.nan)
+    for row in read_jsonl(files[-1]):
+        samples = row["samples_correct"]
+        scores[row["problem_id"]] = (float(row["correct"]),
+                                     sum(samples) / len(samples) if samples else math.nan)
     return scores
 
 

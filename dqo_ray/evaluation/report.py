@@ -15,19 +15,18 @@ so a reader never sees half a report. No Ray, no models.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
 import re
-import tempfile
 import time as _time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+from dqo_ray.io import append_jsonl, atomic_write, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -55,57 +54,17 @@ def result_row(checkpoint: str, dataset: str, summary: Mapping[str, Any], *, ste
 
 
 def append_result(run_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
-    """Appends one row to run_dir/results.jsonl, durably (one write, flush, fsync).
-
-    A single small `O_APPEND` write lands whole on a local filesystem, so concurrent writers
-    do not interleave. If a previous writer died mid-line, the new row starts on a fresh line
-    rather than being glued to the fragment (which would lose it too).
-    """
+    """Appends one row to run_dir/results.jsonl, durably (`dqo_ray.io.append_jsonl`)."""
     for key in ("checkpoint", "dataset"):
         if not isinstance(row.get(key), str) or not row[key]:
             raise ValueError(f"a results row needs a non-empty string {key!r}, got {row!r}")
-    path = Path(run_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(dict(row)) + "\n").encode()
-    with open(path, "a+b") as f:  # "a": every write goes to the end; "+": to peek at it
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                data = b"\n" + data
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
+    return append_jsonl(Path(run_dir) / RESULTS_FILE, row)
 
 
 def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of run_dir/results.jsonl in file order ([] when there is none yet).
-
-    A line that is not a JSON object (normally the last one, cut short by a crash) is skipped
-    with a warning: one lost row must not make the whole history unreadable.
-    """
-    path = Path(run_dir) / RESULTS_FILE
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    rows: list[dict[str, Any]] = []
-    lines = text.split("\n")
-    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            where = "the last line" if number == last else f"line {number}"
-            log.warning("%s: skipping %s, not a JSON object (a write cut short?): %.80r",
-                        path, where, line)
-            continue
-        rows.append(row)
-    return rows
+    """All rows of run_dir/results.jsonl in file order ([] when there is none yet); a line
+    cut short by a crash is skipped with a warning (`dqo_ray.io.read_jsonl`)."""
+    return read_jsonl(Path(run_dir) / RESULTS_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,22 +342,6 @@ def _plot(title: str, results: Sequence[Mapping[str, Any]], out: IO[bytes]) -> N
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes via a temp file in the same folder, then os.replace: readers see the old file
-    or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
 
 def write_report(run_dir: str | os.PathLike,
                  results: Sequence[Mapping[str, Any]] | None = None, *,
@@ -416,6 +359,6 @@ def write_report(run_dir: str | os.PathLike,
     if (run_dir / PIPELINE_FILE).exists():
         text += "\n" + (run_dir / PIPELINE_FILE).read_text()
     data = text.encode()
-    _atomic_write(report, lambda f: f.write(data))
-    _atomic_write(plot, lambda f: _plot(f"{title}: accuracy per checkpoint", rows, f))
+    atomic_write(report, lambda f: f.write(data))
+    atomic_write(plot, lambda f: _plot(f"{title}: accuracy per checkpoint", rows, f))
     return report, plot

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch.distributed as dist
 
 from dqo_ray.config import AlgoConfig, Config
 from dqo_ray.device import collective_device
+from dqo_ray.io import append_jsonl, atomic_write
 from dqo_ray.models import load_policy, load_tokenizer, load_value, resolve_dtype
 from dqo_ray.train.engines import TrainEngine, build_engine, resolve_engine_kind
 from dqo_ray.train.step import loss_on_batch
@@ -48,9 +48,7 @@ class TrainState:
     tokens: int = 0  # response tokens consumed in total (all workers)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
@@ -164,8 +162,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                 record = {"step": state.step + 1, "epoch": state.epoch}
                 for key in ("positions", "order_key"):
                     record[key] = [v for m in micro_batches for v in m[key].tolist()]
-                with open(io.ledger / f"rank{io.rank}.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_jsonl(io.ledger / f"rank{io.rank}.jsonl", record)
             state.step += 1
             state.step_in_epoch += 1
             state.rows += rows_per_step

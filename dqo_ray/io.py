@@ -1,0 +1,97 @@
+"""The project's one way to write and read its small local files (pure: no Ray).
+
+- `atomic_write`: readers see the old file or the new one, never a partial one (a temp file
+  in the same folder, fsync, rename). Config, run state, trainer state, reports, plots.
+- `append_jsonl` / `read_jsonl`: append-only logs (results, metrics, ledger, placement) that
+  survive a writer killed mid-line: the next row starts on a fresh line, and the reader
+  skips a line that is not a JSON object instead of failing on the whole history.
+
+The trajectory store writes through pyarrow filesystems (local, S3, GCS) and has its own
+commit protocol (`dqo_ray.data.store`); checkpoint folders are renamed whole where they are
+made (`dqo_ray.train.sft`, `dqo_ray.models.gguf`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]
+                 ) -> Path:
+    """Writes `data` (bytes, text as UTF-8, or a function writing to a binary file) to `path`
+    atomically, creating its folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Appends one JSON object as a line, durably (one write, flush, fsync).
+
+    A single small `O_APPEND` write lands whole on a local filesystem, so concurrent writers
+    do not interleave. If a previous writer died mid-line, the new row starts on a fresh line
+    rather than being glued to the fragment (which would lose it too).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(dict(record), default=str) + "\n").encode()
+    with open(path, "a+b") as f:  # "a": every write goes to the end; "+": to peek at it
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every JSON-object line of `path` in order ([] when the file does not exist). A line
+    that is not one (normally the last, cut short by a crash) is skipped with a warning."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    rows: list[dict[str, Any]] = []
+    lines = text.split("\n")
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            where = "the last line" if number == last else f"line {number}"
+            log.warning("%s: skipping %s, not a JSON object (a write cut short?): %.80r",
+                        path, where, line)
+            continue
+        rows.append(row)
+    return rows
