@@ -6,9 +6,13 @@
   survive a writer killed mid-line: the next row starts on a fresh line, and the reader
   skips a line that is not a JSON object instead of failing on the whole history.
 
-The trajectory store writes through pyarrow filesystems (local, S3, GCS) and has its own
-commit protocol (`dqo_ray.data.store`); checkpoint folders are renamed whole where they are
-made (`dqo_ray.train.sft`, `dqo_ray.models.gguf`).
+- `filesystem`: a local path or a URI (`file://`, `s3://`, `gs://`) -> the pyarrow
+  filesystem and the path inside it, for what may live in object storage (the trajectory
+  store, ingested files, checkpoints to copy).
+
+The trajectory store writes through those filesystems with its own commit protocol
+(`dqo_ray.data.store`); checkpoint folders are renamed whole where they are made
+(`dqo_ray.train.sft`, `dqo_ray.models.gguf`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow.fs as pafs
+
 log = logging.getLogger(__name__)
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path in it) for a local path (made absolute, ~ expanded) or a URI.
+    Raises OSError / pyarrow.ArrowException for a URI no filesystem serves."""
+    path = os.fspath(path)
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from dqo_ray.device import EngineUnavailable
+from dqo_ray.io import filesystem, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +98,13 @@ class GenerationEngine(Protocol):
         ...
 
 
-def is_uri(path: str | os.PathLike) -> bool:
-    return "://" in os.fspath(path)
-
-
 def materialise(uri: str, dest: str | os.PathLike) -> str:
     """Copies the top-level files of a checkpoint folder on any pyarrow filesystem (`s3://`,
     `gs://`, `file://`, ...) into the local folder `dest`; returns `dest`. Sub-folders (e.g.
     optimizer state) are skipped: an HF checkpoint is flat."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     files = [info for info in infos if info.type == pafs.FileType.File]
     if not files:

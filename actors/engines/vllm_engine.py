@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from actors.engines.base import Sample, SamplingSpec, is_uri, local_checkpoint, materialise
+from actors.engines.base import Sample, SamplingSpec, local_checkpoint, materialise
 from dqo_ray.device import resolve_dtype_name
+from dqo_ray.io import is_uri
 
 log = logging.getLogger(__name__)
 

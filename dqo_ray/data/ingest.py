@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from dqo_ray.data.schema import TRAJECTORY_SCHEMA, RowError, validate_row
 from dqo_ray.data.store import ShardInfo, TrajectoryStore
+from dqo_ray.io import filesystem
 
 __all__ = ["DUPLICATE_REASON", "IngestError", "IngestReport", "ingest_file"]
 
@@ -97,12 +98,6 @@ class IngestReport:
 # --------------------------------------------------------------------------------------------
 # Reading records
 # --------------------------------------------------------------------------------------------
-
-def _open(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
 
 def _jsonl_records(fs: pafs.FileSystem, path: str) -> Iterator[tuple[int, Any, str | None]]:
     """(1-based line, parsed object or None, problem or None) per non-blank line."""
@@ -324,7 +319,7 @@ def ingest_file(path: str, store: TrajectoryStore, tokenizer, *, round: int = 0,
     else:
         raise IngestError(f"{path}: unsupported input (expected a .jsonl or .parquet file)")
     try:
-        fs, fs_path = _open(path)
+        fs, fs_path = filesystem(path)
         if fs.get_file_info(fs_path).type != pafs.FileType.File:
             raise IngestError(f"{path}: no such file")
     except (OSError, pa.ArrowException) as exc:

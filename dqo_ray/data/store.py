@@ -56,6 +56,7 @@ from dqo_ray.data.schema import (
     validate_rows,
     validate_table,
 )
+from dqo_ray.io import filesystem, is_uri
 
 __all__ = ["ShardInfo", "StoreError", "TrajectoryStore"]
 
@@ -116,15 +117,11 @@ class TrajectoryStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         root = os.fspath(root)
-        if "://" in root:
-            try:
-                self._fs, path = pafs.FileSystem.from_uri(root)
-            except (pa.ArrowException, OSError) as exc:
-                raise StoreError(f"cannot open store {root!r}: {exc}") from exc
-            self._scheme: str | None = root.split("://", 1)[0]
-        else:
-            self._fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
-            self._scheme = None
+        try:
+            self._fs, path = filesystem(root)
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"cannot open store {root!r}: {exc}") from exc
+        self._scheme: str | None = root.split("://", 1)[0] if is_uri(root) else None
         self._root = path.rstrip("/") or "/"
         self._local = self._fs.type_name == "local"
         self.root = root
