@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 # Passed to every Ray worker process: one BLAS thread per process (2 threads per worker on
 # 2 cores turned an 11 ms step into 1 s), project-local caches. Never DS_ACCELERATOR: a GPU
 # worker would inherit a CPU driver's "cpu"; each process sets its own from what it has
-# (`dqo_ray.device`, in `dqo_ray.train.engines.import_deepspeed`).
+# (`dqo_ray.device`, in `dqo_ray.train.train_engine.import_deepspeed`).
 WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",

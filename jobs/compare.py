@@ -26,7 +26,7 @@ import ray
 from actors.evaluator import start_evaluator
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, to_dict
 from dqo_ray.evaluation import read_results
-from dqo_ray.evaluation.compare import write_comparison
+from dqo_ray.evaluation.paired import write_comparison
 from dqo_ray.models import load_tokenizer
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import ENGINE_LOG, init_ray

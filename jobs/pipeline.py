@@ -40,8 +40,8 @@ from actors.generator import GeneratorPool
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
 from dqo_ray.config import to_dict as config_to_dict
 from dqo_ray.data.ingest import IngestError, ingest_file
-from dqo_ray.data.pipeline import score_reference
 from dqo_ray.data.store import StoreError, TrajectoryStore
+from dqo_ray.data.streams import score_reference
 from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.io import atomic_write

@@ -31,8 +31,8 @@ from dqo_ray.config import AlgoConfig, Config
 from dqo_ray.device import collective_device
 from dqo_ray.io import append_jsonl, atomic_write
 from dqo_ray.models import load_policy, load_tokenizer, load_value, resolve_dtype
-from dqo_ray.train.engines import TrainEngine, build_engine, resolve_engine_kind
 from dqo_ray.train.step import loss_on_batch
+from dqo_ray.train.train_engine import TrainEngine, build_engine, resolve_engine_kind
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
