@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.refusal(), file=sys.stderr)
         return 2
     init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
+    if plan is not None:
+        now = running_cluster()
+        if now.gpus < plan.cluster.gpus:
+            log.info("the plan is for %s; the running cluster has %d GPUs now: its roles wait "
+                     "for the autoscaler to add nodes", plan.cluster.describe(), now.gpus)
     plan = plan or plan_for_run(cfg)
     if not plan.ok:
         print(plan.refusal(), file=sys.stderr)
