@@ -167,7 +167,7 @@ def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
     return Cluster("the running Ray cluster", tuple(out))
 
 
-# -- model sizes ------------------------------------------------------------------------------------
+# -- model sizes -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,7 @@ def shape_from_hf_config(config: Mapping[str, Any], name: str, source: str) -> M
         kv_heads=int(c.get("num_key_value_heads") or heads),
         intermediate=int(c.get("intermediate_size") or 4 * hidden),
         vocab=int(c["vocab_size"]),
+        # Untied when the file does not say: an LM head counted twice errs on the safe side.
         tied=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
         max_positions=int(c.get("max_position_embeddings") or 4096),
         head_dim=int(c["head_dim"]) if c.get("head_dim") else None,
@@ -254,7 +255,7 @@ def model_shape(model: ModelConfig) -> ModelShape | None:
     if model.policy == "tiny":
         # Its word-level vocabulary is built from the task's words at run time: ~1k.
         return ModelShape("tiny", model.tiny_hidden_size, model.tiny_layers, model.tiny_heads,
-                          model.tiny_heads, 4 * model.tiny_hidden_size, 1024, False, 2048,
+                          model.tiny_heads, 4 * model.tiny_hidden_size, 1024, True, 512,
                           source="model.tiny_* settings")
     config = Path(model.policy) / "config.json"
     if config.is_file():
@@ -264,7 +265,7 @@ def model_shape(model: ModelConfig) -> ModelShape | None:
     return KNOWN_MODELS.get(key)
 
 
-# -- what each role asks for --------------------------------------------------------------------------
+# -- what each role asks for -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -442,7 +443,8 @@ def engine_memory(cfg: Config, shape: ModelShape, gpu: GPUKind, role: str, tenso
     memory = Memory(role, parts, budget, gpu,
                     f"[gpu_memory_utilization {g.gpu_memory_utilization} of "
                     f"{_num(gpu.memory_gib)} GiB; KV cache {kv_tokens:,} tokens"
-                    f"{', tensor parallel ' + str(tensor_parallel) if tensor_parallel > 1 else ''}]")
+                    + (f", tensor parallel {tensor_parallel}" if tensor_parallel > 1 else "")
+                    + "]")
     return EngineMemory(memory, kv_tokens, length, cfg.data.max_prompt_tokens + max_new_tokens)
 
 
@@ -517,7 +519,8 @@ class Plan:
         if ask.gpus:
             kinds = sorted({n.gpu.name for n in self.cluster.nodes
                             if n.gpus >= ask.gpus and n.gpu is not None})
-            return f"GPU nodes ({', '.join(kinds)}, {ask.gpus} GPU(s) on one node)"
+            return (f"GPU nodes ({', '.join(kinds) or 'none here'}, {ask.gpus} GPU(s) on one "
+                    "node)")
         return "any node with CPUs (CPU-only nodes first)"
 
 
@@ -574,9 +577,14 @@ def _memory(cfg: Config, cluster: Cluster, shape: ModelShape | None, problems: l
                             f"{hints[role]}")
     engines = []
     if "generator" in asks and asks["generator"].gpus:
-        engines.append(("generator", asks["generator"].gpus, cfg.generation.max_new_tokens))
-    if asks["evaluator"].gpus:
-        engines.append(("evaluator", 1, cfg.eval.max_new_tokens))  # no tensor parallel
+        engines.append(("generator", cfg.generation.engine, asks["generator"].gpus,
+                        cfg.generation.max_new_tokens))
+    if asks["evaluator"].gpus:  # its engine runs without tensor parallelism
+        engines.append(("evaluator", cfg.eval.engine, 1, cfg.eval.max_new_tokens))
+    hf = [role for role, kind, _, _ in engines if kind == "hf"]
+    if hf:  # HF generate has no KV-cache budget to check
+        notes.append(f"{' and '.join(hf)}: engine hf on GPUs, memory not estimated")
+    engines = [(role, tp, new) for role, kind, tp, new in engines if kind != "hf"]
     for role, tp, new_tokens in engines:
         gpu = _gpu_of(cluster, tp)
         if gpu is None:

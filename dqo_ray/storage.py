@@ -65,7 +65,8 @@ def write_sentinel(run_dir: str | os.PathLike) -> tuple[str, str]:
     return path, token
 
 
-def sentinel_problem(path: str, token: str, wait_s: float = 30.0, poll_s: float = 1.0) -> str | None:
+def sentinel_problem(path: str, token: str, wait_s: float = 30.0,
+                     poll_s: float = 1.0) -> str | None:
     """None when this node sees the sentinel `path` holding `token`; else what it sees. Looked
     for again for `wait_s` (a shared file system may show a new file late)."""
     deadline = time.monotonic() + wait_s

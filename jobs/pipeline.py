@@ -23,9 +23,10 @@ then every node must see the run folder (a sentinel file read by one task per no
 Overlap (pipeline.overlap): round r+1 is sampled from the policy round r started from while
 round r trains; the log reports how long both ran at once. With overlap off, a generator pool
 on GPUs is shut down after each data round, so reference scoring and Ray Train get its GPUs,
-and started again from the newest policy for the next data round. Re-running the same command after
-a crash or `ray job stop` skips every recorded stage and resumes the first unfinished one
-from its own partial work (stored prompts, Ray Train's last committed checkpoint).
+and started again from the newest policy for the next data round. Re-running the same
+command after a crash or `ray job stop` skips every recorded stage and resumes the first
+unfinished one from its own partial work (stored prompts, Ray Train's last committed
+checkpoint).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def check_device(cuda: bool, device) -> tuple[bool, str]:
                 f"DS_ACCELERATOR={got[3]}")
 
 
-# -- 2. all-reduce -----------------------------------------------------------------------------------
+# -- 2. all-reduce ---------------------------------------------------------------------------------
 
 
 def init_group(cuda: bool, device) -> str:

@@ -197,7 +197,7 @@ def test_tensor_parallel_engines_need_their_gpus_on_one_node():
                     "pipeline.overlap=off"], "1x4xH100").ok
 
 
-# -- the command, the recipes, and the pipeline's start check ----------------------------------------
+# -- the command, the recipes, and the pipeline's start check --------------------------------------
 
 
 @pytest.mark.parametrize("recipe, cluster", [("gsm8k-qwen2.5-1.5b.yaml", "1x8xH100-80GB"),
