@@ -162,8 +162,8 @@ def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
         kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
         gpu = gpu_kind(kinds[0], gpu_memory_gib) if kinds else (
             GPUKind("GPU", gpu_memory_gib or 0.0, 0.0) if gpus else None)
-        name = node.get("NodeManagerAddress") or str(node.get("NodeID", "?"))[:12]
-        out.append(Node(str(name), float(resources.get("CPU", 0)), gpus, gpu))
+        name = f"{node.get('NodeManagerAddress', '?')} ({str(node.get('NodeID', '?'))[:12]})"
+        out.append(Node(name, float(resources.get("CPU", 0)), gpus, gpu))
     return Cluster("the running Ray cluster", tuple(out))
 
 
@@ -341,15 +341,18 @@ def place(cluster: Cluster, asks: Sequence[Ask]) -> str | None:
     """First-fit decreasing of every unit onto the nodes (GPUs and CPUs of a unit on one node);
     None when all fit, else the unit that does not (named by role). CPU-only units go to nodes
     without GPUs first, as Ray's scheduler prefers."""
-    free = {n.name: [n.gpus, n.cpus] for n in cluster.nodes}
+    # By position: several Ray nodes may share a machine (and so an address).
+    free = [[n.gpus, n.cpus] for n in cluster.nodes]
     units = [(a, i) for a in asks for i in range(a.count)]
     units.sort(key=lambda u: (-u[0].gpus, -u[0].cpus))  # stable: role order breaks ties
     for ask, i in units:
-        nodes = cluster.nodes if ask.gpus else sorted(cluster.nodes, key=lambda n: n.gpus > 0)
-        for node in nodes:
-            gpus, cpus = free[node.name]
+        order = range(len(cluster.nodes))
+        if not ask.gpus:
+            order = sorted(order, key=lambda k: cluster.nodes[k].gpus > 0)
+        for k in order:
+            gpus, cpus = free[k]
             if gpus >= ask.gpus and cpus >= ask.cpus - 1e-9:
-                free[node.name] = [gpus - ask.gpus, cpus - ask.cpus]
+                free[k] = [gpus - ask.gpus, cpus - ask.cpus]
                 break
         else:
             return f"{ask.role} {i + 1} of {ask.count} ({ask.unit()})"

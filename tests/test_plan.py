@@ -65,9 +65,22 @@ def test_cluster_from_the_running_rays_nodes():
         {"Alive": False, "NodeID": "c" * 56, "Resources": {"CPU": 8.0, "GPU": 1.0}},
     ]
     cluster = cluster_from_ray_nodes(nodes)
-    assert [(n.name, n.cpus, n.gpus) for n in cluster.nodes] == [("10.0.0.1", 0, 0),
-                                                                  ("10.0.0.2", 192, 8)]
+    assert [(n.name, n.cpus, n.gpus) for n in cluster.nodes] == [
+        ("10.0.0.1 (aaaaaaaaaaaa)", 0, 0), ("10.0.0.2 (bbbbbbbbbbbb)", 192, 8)]
     assert cluster.nodes[1].gpu.name == "H100" and cluster.nodes[1].gpu.memory_gib == 80
+
+
+def test_nodes_sharing_a_machine_are_counted_apart():
+    """Two Ray nodes on one machine (cluster/local_cluster.sh) share an address: ci-small's
+    phases need 3.5 of their 2 + 2 CPUs."""
+    nodes = [{"Alive": True, "NodeID": f"{c}" * 56, "NodeManagerAddress": "127.0.0.1",
+              "Resources": {"CPU": 2.0}} for c in "ab"]
+    cluster = cluster_from_ray_nodes(nodes)
+    cfg = load_config(REPO / "configs" / "ci-small.yaml")
+    plan = make_plan(cfg, cluster, model_shape(cfg.model))
+    assert plan.ok and plan.overlap, plan.refusal()
+    assert place(cluster, [Ask("evaluator", 1, 0, 2), Ask("trainer", 1, 0, 2)]) is None
+    assert place(cluster, [Ask("trainer", 3, 0, 1.5)]) == "trainer 3 of 3 (1.5 CPUs)"
 
 
 def test_placement_keeps_a_units_gpus_on_one_node():
@@ -237,19 +250,20 @@ def test_plan_command_refuses_with_exit_code_2(capsys):
     assert "'8xH100' is not a cluster" in capsys.readouterr().err
 
 
-def test_pipeline_refuses_the_same_plan_before_starting_anything(tmp_path, capsys):
-    import ray
-
+def test_pipeline_refuses_the_same_plan_before_starting_anything(tmp_path, capsys,
+                                                                   monkeypatch):
     from jobs import pipeline
     from jobs import plan as plan_job
 
+    started = []
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: started.append("ray"))
     sets = [*GPU_RUN, "trainer.num_workers=8", f"run.output_dir={tmp_path}"]
     args = [a for o in sets for a in ("--set", o)]
     assert plan_job.main([*args, "--cluster", "1x8xH100"]) == 2
     refused = capsys.readouterr().err
     assert pipeline.main([*args, "--set", "ray.cluster=1x8xH100"]) == 2
     assert capsys.readouterr().err == refused
-    assert not ray.is_initialized() and not any(tmp_path.iterdir())  # nothing started
+    assert not started and not any(tmp_path.iterdir())  # neither Ray nor the run folder
 
 
 def test_pipeline_releases_the_pool_between_data_and_reference(monkeypatch, tmp_path):
