@@ -149,6 +149,9 @@ def parse_cluster(spec: str) -> Cluster:
                                        for i in range(int(nodes))))
 
 
+RUNNING = "the running Ray cluster"
+
+
 def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
                            gpu_memory_gib: float | None = None) -> Cluster:
     """The alive nodes of `ray.nodes()` as a Cluster. A node's GPU type is Ray's
@@ -164,7 +167,7 @@ def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
             GPUKind("GPU", gpu_memory_gib or 0.0, 0.0) if gpus else None)
         name = f"{node.get('NodeManagerAddress', '?')} ({str(node.get('NodeID', '?'))[:12]})"
         out.append(Node(name, float(resources.get("CPU", 0)), gpus, gpu))
-    return Cluster("the running Ray cluster", tuple(out))
+    return Cluster(RUNNING, tuple(out))
 
 
 # -- model sizes -----------------------------------------------------------------------------------
@@ -639,6 +642,9 @@ def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
         why = ("pipeline.overlap: off" if mode == "off" else
                "auto: the trainer, the engines and the evaluator do not all fit at once")
         problems, memory, notes = _fit_problems(cfg, cluster, shape, False)
+    if problems and cluster.label == RUNNING:
+        notes.append("an autoscaling cluster starts its nodes on demand: plan for the cluster it "
+                     "grows to with --cluster / ray.cluster (e.g. 2x8xH100-80GB)")
     if cfg.eval.gpus > 1:
         notes.append(f"eval.gpus: {cfg.eval.gpus} are held but the evaluator's engine uses one "
                      "(it runs without tensor parallelism)")
