@@ -374,7 +374,7 @@ def logprob_check(size: str, folder: Path, device, dtype: str) -> tuple[bool, st
     from actors.engines.base import SamplingSpec
     from actors.engines.hf import HFEngine
     from dqo_ray.data.batch import pad_trajectories
-    from dqo_ray.train.step import sequence_logprobs
+    from dqo_ray.models.forward import sequence_logprobs
 
     engine = HFEngine(str(folder), dtype=dtype, device=str(device), seed=0)
     rng = random.Random(1)
