@@ -317,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        check_run_inputs(cfg)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -326,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_for_run(cfg) if cfg.ray.cluster else None
     if plan is not None and not plan.ok:
         print(plan.refusal(), file=sys.stderr)
+        return 2
+    try:
+        check_run_inputs(cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return 2
     init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
     if plan is not None:
