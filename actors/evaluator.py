@@ -50,7 +50,8 @@ class Evaluator:
             require_visible(model_path, node_name(), "the evaluator")
         self.engine = engine or make_engine(ecfg.engine, model_path, seed=cfg.run.seed,
                                             kv_cache_gb=cfg.generation.kv_cache_gb,
-                                            dtype=cfg.model.dtype)
+                                            dtype=cfg.model.dtype,
+                                            **cfg.generation.vllm_memory)
         self.loaded = model_path
         tokenizer = load_tokenizer(model_path)
         configure_grading(cfg.grading)  # this actor's math_verify pool

@@ -59,7 +59,8 @@ class EngineWorker:
         require_visible(model_path, node_name(), "an engine")
         self.engine = make_engine(self.gen.engine, model_path, kv_cache_gb=self.gen.kv_cache_gb,
                                   seed=self.gen.seed, dtype=cfg.model.dtype,
-                                  tensor_parallel=max(1, self.gen.gpus_per_engine))
+                                  tensor_parallel=max(1, self.gen.gpus_per_engine),
+                                  **self.gen.vllm_memory)
         self.tokenizer = load_tokenizer(model_path)
         self.load_error: Exception | None = None
         configure_grading(cfg.grading)  # this actor's math_verify pool
@@ -225,7 +226,10 @@ class GeneratorPool:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            group = placement_group([{"GPU": 1, "CPU": 1}] * gen.gpus_per_engine)
+            # STRICT_PACK: one node (the default PACK may split a group over nodes when one
+            # has no room, and tensor parallelism over the network is slow).
+            group = placement_group([{"GPU": 1, "CPU": 1}] * gen.gpus_per_engine,
+                                    strategy="STRICT_PACK")
             ray.get(group.ready())
             self.groups[slot] = group
             options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(

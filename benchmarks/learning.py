@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dqo_ray.config import load_config  # noqa: E402
-from dqo_ray.evaluation.compare import gain_differences, paired_gain, problem_scores  # noqa: E402
+from dqo_ray.evaluation.paired import gain_differences, paired_gain, problem_scores  # noqa: E402
 from dqo_ray.io import atomic_write  # noqa: E402
 from dqo_ray.runtime import ENGINE_LOG, init_ray  # noqa: E402
 from jobs.compare import compare  # noqa: E402

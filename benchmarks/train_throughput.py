@@ -34,13 +34,13 @@ import torch  # noqa: E402
 
 from dqo_ray.config import load_config  # noqa: E402
 from dqo_ray.data.batch import pad_trajectories  # noqa: E402
-from dqo_ray.data.pipeline import score_reference  # noqa: E402
 from dqo_ray.data.store import TrajectoryStore  # noqa: E402
+from dqo_ray.data.streams import score_reference  # noqa: E402
 from dqo_ray.models import load_policy, load_tokenizer, save_tiny_checkpoint  # noqa: E402
 from dqo_ray.runtime import init_ray  # noqa: E402
-from dqo_ray.train.engines import init_single_process_group  # noqa: E402
 from dqo_ray.train.loop import WorkerIO, run_training  # noqa: E402
 from dqo_ray.train.ray_trainer import train_on_store  # noqa: E402
+from dqo_ray.train.train_engine import init_single_process_group  # noqa: E402
 
 WORDS = ("Tom", "Ann", "has", "apples", "pears", "gives", "away", "How", "many", "left")
 

@@ -52,7 +52,11 @@ def _range(*, ge: float | None = None, gt: float | None = None,
 class RunConfig:
     name: str = "dqo"
     output_dir: str = "runs"
-    """Root folder (local path or pyarrow filesystem URI); the run folder is output_dir/name."""
+    """Root folder, a local path; the run folder is output_dir/name. On a multi-node cluster
+    a path every node mounts (EFS, Filestore, a PVC, a bucket through a FUSE mount): the
+    engines and the evaluator load checkpoints Ray Train wrote on another node, and the
+    pipeline checks at start that every node sees it. An `s3://` / `gs://` URI is refused:
+    the run folder is read and written as files by every stage."""
     seed: int = 0
     tensorboard: bool = True
     """Training metrics as TensorBoard event files in run_dir/tensorboard (rank 0)."""
@@ -65,6 +69,15 @@ class RunConfig:
     def run_dir(self) -> str:
         return self.output_dir.rstrip("/") + "/" + self.name
 
+    def check(self) -> list[str]:
+        if "://" in self.output_dir:
+            return [f"run.output_dir: {self.output_dir!r} is a URI; the run folder (state file, "
+                    "checkpoints, results) is read and written as files on every node, so it "
+                    "must be a path every node mounts (EFS, Filestore, a PVC, or the bucket "
+                    "through a FUSE mount such as mountpoint-s3 or gcsfuse): see "
+                    "cluster/README.md"]
+        return []
+
 
 @dataclass
 class RayConfig:
@@ -73,6 +86,22 @@ class RayConfig:
     num_cpus: int | None = field(default=None, metadata=_range(ge=1))
     """Logical CPUs for a local instance. None = max(4, physical cores): Ray Data read tasks need
     a whole free CPU beside the training workers, or the pipeline stalls on 2-core machines."""
+    cluster: str | None = None
+    """The cluster the run is planned for, NODESxGPUSxTYPE[-MEMGB][:CPUScpu] (e.g.
+    2x8xH100-80GB, 1x8xA100-40GB:96cpu): the pipeline checks its plan (dqo_ray.plan) against
+    it at start instead of the nodes Ray has now, which an autoscaling cluster has not started
+    yet. None = the running cluster's nodes."""
+
+    def check(self) -> list[str]:
+        if self.cluster is None:
+            return []
+        from dqo_ray.plan import PlanError, parse_cluster
+
+        try:
+            parse_cluster(self.cluster)
+        except PlanError as exc:
+            return [f"ray.cluster: {exc}"]
+        return []
 
 
 @dataclass
@@ -92,6 +121,13 @@ class ModelConfig:
     """auto = bfloat16 on GPU, float32 on CPU, decided by each process from what it has
     (dqo_ray.device): train workers (bf16 keeps fp32 master weights), engines, evaluator."""
     gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (training only): activation
+    memory of one layer instead of all, for about a third more compute."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel of the models trained and scored with transformers (vLLM picks its
+    own). auto = flash_attention_2 on a CUDA device where the flash_attn package imports, else
+    sdpa (torch's fused attention, transformers' default); flash_attention_2 asked for by
+    name where it cannot load is an error."""
     tiny_hidden_size: int = field(default=128, metadata=_range(ge=8))
     tiny_layers: int = field(default=4, metadata=_range(ge=1))
     tiny_heads: int = field(default=4, metadata=_range(ge=1))
@@ -283,6 +319,18 @@ class GenerationConfig:
     seed: int = 0
     kv_cache_gb: float = field(default=1.0, metadata=_range(gt=0))
     """vLLM KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = field(default=0.9, metadata=_range(gt=0, le=0.98))
+    """vLLM on a GPU: the share of each of an engine's GPUs it takes (weights, activations, then
+    the KV cache fills the rest); vLLM's own default. Also the evaluator's engine. Each engine
+    and the evaluator have GPUs of their own, so nothing else needs the remainder."""
+    max_model_len: int | None = field(default=None, metadata=_range(ge=16))
+    """vLLM: the longest sequence (prompt + response) an engine accepts; it must hold one such
+    sequence in its KV cache. None = the model's own (max_position_embeddings, often 32k):
+    set it to data.max_prompt_tokens + generation.max_new_tokens (or more) to say what the
+    plan should count on."""
+    max_num_seqs: int | None = field(default=None, metadata=_range(ge=1))
+    """vLLM: sequences decoded together per step. None = vLLM's default. An engine is handed
+    chunk_prompts x samples_per_prompt sequences at a time: keep that >= this to fill it."""
     process_reward_samples: int = field(default=0, metadata=_range(ge=0))
     """m completions per step prefix for Monte-Carlo process rewards; 0 = off."""
     process_reward_alpha: float = 1.0
@@ -291,6 +339,13 @@ class GenerationConfig:
     """How engine actors are placed on a multi-node cluster: `spread` puts them on different
     nodes where it can (generation is the bulk of the work, and spreads memory); `pack` lets
     Ray fill one node first."""
+
+    @property
+    def vllm_memory(self) -> dict[str, Any]:
+        """make_engine's vLLM memory settings, for the generator's engines and the
+        evaluator's."""
+        return {"gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs}
 
 
 EvalDataset = TaskName
@@ -359,18 +414,26 @@ class PipelineConfig:
     overlap: Literal["auto", "on", "off"] = "auto"
     """Sample round r+1 from round r-1's checkpoint while round r trains (one round stale,
     corrected by the recorded behaviour log-probs). auto = on when the cluster has the CPUs /
-    GPUs for the trainer, the engines and the evaluator at the same time."""
+    GPUs (and GPU memory) for the trainer, the engines and the evaluator at the same time
+    (dqo_ray.plan). Off, a generator pool on GPUs gives them back after each data round (its
+    actors end) so that reference scoring and Ray Train can have them, and is started again
+    from the newest policy for the next one."""
     evaluate_start: bool = True
     """Also evaluate the start checkpoint (the table's baseline row)."""
     cache_dir: str | None = None
     """Content-addressed results reused across runs (the warm start); None = run.output_dir
-    /cache, which must be as durable (and, on a multi-node cluster, as shared) as the runs."""
+    /cache, which must be as durable (and, on a multi-node cluster, as shared) as the runs.
+    A local path, as run.output_dir."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def check(self) -> list[str]:
+        problems = []
         if self.round0 == "ingest" and not self.ingest_source:
-            return ["pipeline.ingest_source: required when pipeline.round0 is 'ingest'"]
-        return []
+            problems.append("pipeline.ingest_source: required when pipeline.round0 is 'ingest'")
+        if self.cache_dir is not None and "://" in self.cache_dir:
+            problems.append(f"pipeline.cache_dir: {self.cache_dir!r} is a URI; the cache is "
+                            "read and written as files: give a path every node mounts")
+        return problems
 
 
 @dataclass
@@ -422,6 +485,20 @@ class Config:
                 f"model.tiny_hidden_size / model.tiny_heads = {head_dim} is not a head size "
                 f"vLLM supports on CPU ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); "
                 "change them or set generation.engine: hf")
+        gen = self.generation
+        if gen.max_model_len is not None:
+            # Process-reward completions continue a response prefix (up to max_new_tokens - 1
+            # tokens) by up to max_new_tokens more.
+            longest = max(self.data.max_prompt_tokens + gen.max_new_tokens
+                          * (2 if gen.process_reward_samples else 1),
+                          self.data.max_prompt_tokens + self.eval.max_new_tokens)
+            if gen.max_model_len < longest:
+                problems.append(
+                    f"generation.max_model_len: {gen.max_model_len} is shorter than the longest "
+                    f"sequence an engine is given ({longest} = data.max_prompt_tokens + "
+                    "generation.max_new_tokens, eval.max_new_tokens"
+                    + (" and the process-reward continuations" if gen.process_reward_samples
+                       else "") + ")")
         if self.algo.name == "dpo" and self.trainer.micro_batch_size % 2:
             problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
                             "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "
@@ -471,6 +548,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return _build(tp, value, path, problems)
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on / off as a bool
         # bool is an int subclass: never let True stand in for 1.
         if any(value == a and type(value) is type(a) for a in allowed):
             return value

@@ -63,3 +63,23 @@ def collective_device(backend: str, device: str) -> str:
                              f"{device!r}: NCCL needs CUDA tensors (a GPU worker)")
         return device
     return "cpu"
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+
+
+def resolve_attn_implementation(name: str, cuda: bool, flash_attn: bool) -> str:
+    """model.attn_implementation for a process with or without CUDA, where the flash_attn
+    package loads (`flash_attn`) or not. auto = flash_attention_2 where it can run (CUDA and
+    flash_attn), else sdpa (torch's fused kernels; on CUDA in bf16 they include a flash
+    kernel). flash_attention_2 by name where it cannot run is an error naming it."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {name!r} is not one of "
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "auto":
+        return "flash_attention_2" if cuda and flash_attn else "sdpa"
+    if name == "flash_attention_2" and not (cuda and flash_attn):
+        why = "this process has no CUDA device" if not cuda else "flash_attn does not load"
+        raise EngineUnavailable(f"model.attn_implementation=flash_attention_2: {why}; install "
+                                "flash-attn on the GPU nodes, or set it to auto or sdpa")
+    return name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 # Passed to every Ray worker process: one BLAS thread per process (2 threads per worker on
 # 2 cores turned an 11 ms step into 1 s), project-local caches. Never DS_ACCELERATOR: a GPU
 # worker would inherit a CPU driver's "cpu"; each process sets its own from what it has
-# (`dqo_ray.device`, in `dqo_ray.train.engines.import_deepspeed`).
+# (`dqo_ray.device`, in `dqo_ray.train.train_engine.import_deepspeed`).
 WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -155,3 +156,64 @@ def node_name() -> str:
     if not ray.is_initialized():
         return socket.gethostname()
     return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+
+
+def _probe_sentinel(path: str, token: str, wait_s: float) -> tuple[str, str | None]:
+    from dqo_ray.storage import sentinel_problem
+
+    return node_name(), sentinel_problem(path, token, wait_s)
+
+
+def probe_nodes(path: str, token: str, wait_s: float = 30.0,
+                timeout_s: float = 300.0) -> tuple[int, list[tuple[str, str]]]:
+    """One task on every alive node reads the sentinel `path` and compares it with `token`;
+    returns (nodes probed, [(node, what it saw)] for each node that does not see it or did
+    not answer within `timeout_s`)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_sentinel)
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(path, token, wait_s): n for n in nodes}
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    failures = [(f"{refs[r].get('NodeManagerAddress')} ({refs[r]['NodeID'][:12]})",
+                 f"no answer within {timeout_s:.0f}s") for r in pending]
+    for ref in done:
+        try:
+            name, problem = ray.get(ref)
+        except Exception as exc:  # e.g. the job's runtime env cannot be set up there
+            name, problem = refs[ref].get("NodeManagerAddress"), f"the check failed: {exc}"
+        if problem:
+            failures.append((str(name), problem))
+    return len(nodes), failures
+
+
+def check_run_folder_shared(run_dir: str | os.PathLike, wait_s: float = 30.0,
+                            timeout_s: float = 300.0) -> int:
+    """Every alive node must see the run folder: the driver writes a sentinel file there and
+    one task per node reads it back (`probe_nodes`). Raises RunFolderNotShared naming each node
+    that does not; returns the number of nodes checked. Nodes an autoscaler adds later are not
+    checked here: their engines and the evaluator name a checkpoint they cannot see."""
+    from dqo_ray.storage import not_shared, write_sentinel
+
+    path, token = write_sentinel(run_dir)
+    try:
+        count, failures = probe_nodes(path, token, wait_s, timeout_s)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    if failures:
+        raise not_shared(run_dir, failures)
+    log.info("run folder %s: visible on all %d node(s)", run_dir, count)
+    return count
+
+
+def running_cluster(gpu_memory_gib: float | None = None):
+    """The alive nodes of the Ray cluster this process is connected to, as a
+    `dqo_ray.plan.Cluster` (GPU types from Ray's accelerator_type resources)."""
+    import ray
+
+    from dqo_ray.plan import cluster_from_ray_nodes
+
+    return cluster_from_ray_nodes(ray.nodes(), gpu_memory_gib)

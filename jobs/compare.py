@@ -26,13 +26,13 @@ import ray
 from actors.evaluator import start_evaluator
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, to_dict
 from dqo_ray.evaluation import read_results
-from dqo_ray.evaluation.compare import write_comparison
+from dqo_ray.evaluation.paired import write_comparison
 from dqo_ray.models import load_tokenizer
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import ENGINE_LOG, init_ray
 from dqo_ray.train.sft import supervised_finetune
 from dqo_ray.train.warm_start import cache_dir, warm_start_examples, warm_start_settings
-from jobs.pipeline import Pipeline
+from jobs.pipeline import Pipeline, plan_for_run
 from jobs.preflight import check_run_inputs
 
 log = logging.getLogger("jobs.compare")
@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         check_run_inputs(cfg)
         init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
+        plan = plan_for_run(cfg)  # the pipeline's start check, once for every variant
+        if not plan.ok:
+            print(plan.refusal(), file=sys.stderr)
+            return 2
         began = time.perf_counter()
         out = compare(cfg)
     except (ConfigError, StateError) as exc:

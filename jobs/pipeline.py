@@ -15,10 +15,18 @@ Stages (docs/algorithm.md section 6), each recorded in run_dir/pipeline_state.js
                evaluate    every checkpoint of the round, by the evaluator actor (async)
                data r+1    the generator pool, weights refreshed in place, samples round r+1
 
+Before anything starts, the run's plan (dqo_ray.plan, as `python -m jobs.plan` prints it) is
+checked against the cluster (ray.cluster, else the running one's nodes): a run the cluster
+cannot hold is refused with one line per problem, naming the role and the numbers (exit 2);
+then every node must see the run folder (a sentinel file read by one task per node).
+
 Overlap (pipeline.overlap): round r+1 is sampled from the policy round r started from while
-round r trains; the log reports how long both ran at once. Re-running the same command after
-a crash or `ray job stop` skips every recorded stage and resumes the first unfinished one
-from its own partial work (stored prompts, Ray Train's last committed checkpoint).
+round r trains; the log reports how long both ran at once. With overlap off, a generator pool
+on GPUs is shut down after each data round, so reference scoring and Ray Train get its GPUs,
+and started again from the newest policy for the next data round. Re-running the same
+command after a crash or `ray job stop` skips every recorded stage and resumes the first
+unfinished one from its own partial work (stored prompts, Ray Train's last committed
+checkpoint).
 """
 
 from __future__ import annotations
@@ -40,14 +48,22 @@ from actors.generator import GeneratorPool
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
 from dqo_ray.config import to_dict as config_to_dict
 from dqo_ray.data.ingest import IngestError, ingest_file
-from dqo_ray.data.pipeline import score_reference
 from dqo_ray.data.store import StoreError, TrajectoryStore
+from dqo_ray.data.streams import score_reference
 from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.io import atomic_write
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
+from dqo_ray.plan import Plan, make_plan, model_shape, parse_cluster
 from dqo_ray.run_state import RunState, StateError
-from dqo_ray.runtime import ENGINE_LOG, init_ray, record_placement
+from dqo_ray.runtime import (
+    ENGINE_LOG,
+    check_run_folder_shared,
+    init_ray,
+    record_placement,
+    running_cluster,
+)
+from dqo_ray.storage import RunFolderNotShared
 from dqo_ray.tasks import get_task, load_problems
 from dqo_ray.tasks.items import load_items
 from dqo_ray.train.ray_trainer import train_on_store
@@ -57,9 +73,16 @@ from jobs.preflight import check_run_inputs
 log = logging.getLogger("jobs.pipeline")
 
 
+def plan_for_run(cfg: Config) -> Plan:
+    """The plan on ray.cluster, else on the nodes of the Ray cluster this driver joined."""
+    cluster = parse_cluster(cfg.ray.cluster) if cfg.ray.cluster else running_cluster()
+    return make_plan(cfg, cluster, model_shape(cfg.model))
+
+
 class Pipeline:
-    def __init__(self, cfg: Config, state: RunState) -> None:
+    def __init__(self, cfg: Config, state: RunState, plan: Plan | None = None) -> None:
         self.cfg, self.state = cfg, state
+        self.plan = plan
         self.run_dir = Path(cfg.run.run_dir).absolute()
         self.store = TrajectoryStore(cfg.store)
         self.pool: GeneratorPool | None = None
@@ -76,11 +99,17 @@ class Pipeline:
         if (self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start")
                 and start not in scored):  # scored before a restart, not yet recorded
             self.evaluations["evaluate/start"] = self.evaluator.evaluate.remote(start, 0, None)
-        overlap = self.overlap_enabled()
+        plan = self.plan or plan_for_run(self.cfg)
+        overlap = plan.overlap
+        log.info("overlap %s (%s)%s", "on" if overlap else "off", plan.overlap_why,
+                 "; the generator pool gives its GPUs back after each data round"
+                 if plan.release_pool else "")
         policy, value = start, None
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
             for r in range(self.cfg.pipeline.rounds):
                 self.data(r, policy, start)  # a no-op when sampled during the last round
+                if plan.release_pool:  # reference scoring and Ray Train need its GPUs
+                    self.release_pool()
                 self.reference(r, start)
                 trained = self.state.finished(f"round{r}/train")
                 sampling = None  # round r+1, sampled from `policy` while round r trains
@@ -135,7 +164,7 @@ class Pipeline:
                               rows=report.written)
             log.info("round 0: %s", report.summary())
             return
-        pool = self.generator_pool(start)
+        pool = self.generator_pool(policy)
         if pool.weights != policy:
             pool.load_weights(policy)
         items = load_items(self.cfg.task, load_tokenizer(policy), self.cfg.run.seed)
@@ -200,8 +229,7 @@ class Pipeline:
             self.evaluations[stage] = self.evaluator.stop_watching.remote(round_dir)
 
     def finish(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.release_pool()
         began = time.perf_counter()
         for stage, ref in self.evaluations.items():
             log.info("waiting for the evaluator: %s", stage)
@@ -212,12 +240,20 @@ class Pipeline:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def generator_pool(self, start: str) -> GeneratorPool:
+    def generator_pool(self, policy: str) -> GeneratorPool:
+        """The pool, started from `policy` when there is none (the first data round, or the
+        next one after `release_pool`)."""
         if self.pool is None:
-            self.pool = GeneratorPool(self.cfg, start)
+            self.pool = GeneratorPool(self.cfg, policy)
             for i, actor in enumerate(self.pool.actors):
                 record_placement(self.run_dir, "generator", i, ray.get(actor.where.remote()))
         return self.pool
+
+    def release_pool(self) -> None:
+        """Ends the engine actors (and their placement groups): Ray gets their GPUs back."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def reference_policy(self, start: str) -> str:
         """pi_ref: model.reference, else the start policy (the warm start when there is one)."""
@@ -232,22 +268,6 @@ class Pipeline:
             if trained and trained["policy"] == policy:
                 return r + 1
         return 0
-
-    def overlap_enabled(self) -> bool:
-        cfg, mode = self.cfg, self.cfg.pipeline.overlap
-        if mode != "auto":
-            return mode == "on"
-        need = {"CPU": (cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
-                        + cfg.generation.num_engines * cfg.generation.cpus_per_engine
-                        + cfg.eval.cpus + 1),  # + 1: Ray Data's read tasks
-                "GPU": (cfg.trainer.num_workers * cfg.trainer.use_gpu
-                        + cfg.generation.num_engines * cfg.generation.gpus_per_engine
-                        + cfg.eval.gpus)}
-        have = ray.cluster_resources()
-        enabled = all(have.get(k, 0) >= v for k, v in need.items())
-        log.info("overlap %s: trainer + engines + evaluator need %s, the cluster has %s",
-                 "on" if enabled else "off", need, {k: have.get(k, 0) for k in need})
-        return enabled
 
     def note_overlap(self, r: int, train_began: float, train_ended: float) -> None:
         sampled = self.state.finished(f"round{r + 1}/data")
@@ -297,18 +317,42 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    # Before anything starts: a run the cluster cannot hold would wait forever in Ray. On a
+    # described cluster (ray.cluster) that is known before Ray is joined.
+    plan = plan_for_run(cfg) if cfg.ray.cluster else None
+    if plan is not None and not plan.ok:
+        print(plan.refusal(), file=sys.stderr)
+        return 2
+    try:
         check_run_inputs(cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
+    if plan is not None:
+        now = running_cluster()
+        if now.gpus < plan.cluster.gpus:
+            log.info("the plan is for %s; the running cluster has %d GPUs now: its roles wait "
+                     "for the autoscaler to add nodes", plan.cluster.describe(), now.gpus)
+    plan = plan or plan_for_run(cfg)
+    if not plan.ok:
+        print(plan.refusal(), file=sys.stderr)
+        return 2
+    try:
+        check_run_folder_shared(cfg.run.run_dir)
         state = RunState(cfg.run.run_dir, config_to_dict(cfg))
-    except (ConfigError, StateError) as exc:
+    except (RunFolderNotShared, StateError) as exc:
         print(exc, file=sys.stderr)
         return 2
     save_resolved(cfg, cfg.run.run_dir)
     if state.attempt:
         log.info("resuming %s (start %d): finished stages %s", state.path, state.attempt,
                  ", ".join(state.stages) or "none")
-    init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
     try:
-        Pipeline(cfg, state).run()
+        Pipeline(cfg, state, plan).run()
     except StoreError as exc:  # damaged data: named, with what to do; re-running resumes
         print(exc, file=sys.stderr)
         return 2

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from dqo_ray.config import ConfigError, add_config_args, config_from_args, save_resolved
-from dqo_ray.data.pipeline import score_reference
 from dqo_ray.data.store import StoreError, TrajectoryStore
+from dqo_ray.data.streams import score_reference
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import init_ray
 from dqo_ray.train.ray_trainer import train_on_store

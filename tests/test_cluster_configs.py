@@ -88,3 +88,61 @@ def test_no_secrets_in_cluster_files():
             text = path.read_text()
             for pattern in SECRET_PATTERNS:
                 assert not re.search(pattern, text), f"{path}: looks like a secret ({pattern})"
+
+
+# -- shared storage (issue 15): one path on every node for runs, models and data ------------------
+
+SHARED = "/mnt/shared"
+
+
+@pytest.mark.parametrize("name, fs", [("aws.yaml", "efs.us-east-1.amazonaws.com:/"),
+                                      ("gcp.yaml", ":/shared")])
+def test_launcher_nodes_mount_shared_storage_into_the_container(name, fs):
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    mounts = [c for c in config["initialization_commands"] if " mount -t nfs" in c]
+    assert len(mounts) == 1 and fs in mounts[0] and mounts[0].endswith(f" {SHARED}")
+    assert f"-v {SHARED}:{SHARED}" in config["docker"]["run_options"]
+    assert "run.output_dir" in (CLUSTER / name).read_text()  # says what lives there
+
+
+def _pod_specs(cluster_spec):
+    yield cluster_spec["headGroupSpec"]["template"]["spec"]
+    for group in cluster_spec["workerGroupSpecs"]:
+        yield group["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_pods_mount_the_shared_volume(name):
+    doc = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    claim = yaml.safe_load((CLUSTER / "kuberay" / "pvc.yaml").read_text())
+    assert claim["kind"] == "PersistentVolumeClaim"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on every node mount it
+    for pod in _pod_specs(spec):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["shared"]["persistentVolumeClaim"]["claimName"] == \
+            claim["metadata"]["name"]
+        for container in pod["containers"]:
+            assert {"name": "shared", "mountPath": SHARED} in container["volumeMounts"]
+
+
+def test_rayjob_runs_a_gpu_recipe_on_the_shared_volume():
+    from dqo_ray.config import load_config
+
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    config = re.fullmatch(r"python -m \S+ --config (\S+)", doc["spec"]["entrypoint"]).group(1)
+    cfg = load_config(REPO / config)
+    assert cfg.trainer.use_gpu and cfg.generation.gpus_per_engine >= 1
+    pip = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["pip"]
+    assert any(p.startswith("vllm==") for p in pip) and any(p.startswith("deepspeed==")
+                                                            for p in pip)
+
+
+@pytest.mark.parametrize("recipe", ["gsm8k-qwen2.5-1.5b.yaml", "gsm8k-qwen2.5-1.5b-2node.yaml"])
+def test_gpu_recipes_keep_runs_models_and_data_on_shared_storage(recipe):
+    from dqo_ray.config import load_config
+
+    cfg = load_config(REPO / "configs" / recipe)
+    for path in (cfg.run.output_dir, cfg.model.policy, cfg.task.source,
+                 *cfg.eval.sources.values()):
+        assert path.startswith(SHARED + "/"), path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dqo_ray.config import load_config, to_dict
-from dqo_ray.evaluation.compare import (
+from dqo_ray.evaluation.paired import (
     comparison_rows,
     comparison_table,
     gain_differences,

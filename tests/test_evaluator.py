@@ -12,7 +12,7 @@ from PIL import Image
 from actors.engines import Sample
 from actors.evaluator import Evaluator, start_evaluator
 from dqo_ray.config import load_config
-from dqo_ray.data.pipeline import score_reference
+from dqo_ray.data.streams import score_reference
 from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems
 from dqo_ray.train.ray_trainer import train_on_store

@@ -62,7 +62,7 @@ def test_ray_workers_never_inherit_the_drivers_ds_accelerator(monkeypatch):
 
 SUBPROCESS = """
 import os, sys
-from dqo_ray.train.engines import import_deepspeed
+from dqo_ray.train.train_engine import import_deepspeed
 import_deepspeed(cuda=False)
 from deepspeed.accelerator import get_accelerator
 print(os.environ["DS_ACCELERATOR"], get_accelerator().device_name())
@@ -79,7 +79,7 @@ def test_deepspeed_accelerator_is_set_from_the_process_not_inherited():
 
 
 def test_deepspeed_imported_with_another_accelerator_is_an_error(monkeypatch):
-    from dqo_ray.train.engines import import_deepspeed
+    from dqo_ray.train.train_engine import import_deepspeed
 
     import_deepspeed(cuda=False)  # this CPU test process: DeepSpeed's accelerator is "cpu"
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # restored after the test
@@ -367,7 +367,7 @@ def test_make_engine_auto_on_cuda_without_vllm_is_an_error(tiny_checkpoint, monk
 
 
 def test_trainer_engine_auto_falls_back_only_on_cpu(monkeypatch, caplog):
-    from dqo_ray.train import engines
+    from dqo_ray.train import train_engine as engines
 
     def no_deepspeed(cuda):
         raise engines.EngineUnavailable("DeepSpeed does not import: ImportError('x')")
@@ -378,7 +378,7 @@ def test_trainer_engine_auto_falls_back_only_on_cpu(monkeypatch, caplog):
         engines.resolve_engine_kind("auto", cuda=True)
     with pytest.raises(engines.EngineUnavailable, match="trainer.engine=deepspeed"):
         engines.resolve_engine_kind("deepspeed", cuda=False)
-    with caplog.at_level(logging.WARNING, logger="dqo_ray.train.engines"):
+    with caplog.at_level(logging.WARNING, logger="dqo_ray.train.train_engine"):
         assert engines.resolve_engine_kind("auto", cuda=False) == "torch"
     assert "training with plain torch DDP on the CPU" in caplog.text
     assert engines.resolve_engine_kind("torch", cuda=True) == "torch"
@@ -386,7 +386,7 @@ def test_trainer_engine_auto_falls_back_only_on_cpu(monkeypatch, caplog):
 
 def test_torch_engine_bf16_keeps_fp32_master_weights(tiny_checkpoint):
     from dqo_ray.models import load_policy
-    from dqo_ray.train.engines import build_engine
+    from dqo_ray.train.train_engine import build_engine
 
     cfg = load_config(None, ["trainer.grad_accum_steps=1"]).trainer
     engine = build_engine("torch", load_policy(tiny_checkpoint), 1e-3, cfg, bf16=True)

@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from dqo_ray.config import load_config
 from dqo_ray.data.batch import pad_trajectories
-from dqo_ray.train.engines import init_single_process_group
 from dqo_ray.train.loop import WorkerIO, run_training
+from dqo_ray.train.train_engine import init_single_process_group
 
 ROWS, MICRO, ACCUM = 64, 8, 2  # 4 global steps per epoch
 
@@ -131,7 +131,7 @@ class Payload:
 
 
 def test_torch_resume_state_refuses_pickled_objects(tmp_path):
-    from dqo_ray.train.engines import TorchTrainEngine
+    from dqo_ray.train.train_engine import TorchTrainEngine
 
     cfg = load_config(None, ["trainer.engine=torch"]).trainer
     engine = TorchTrainEngine(torch.nn.Linear(3, 2), 1e-3, cfg)

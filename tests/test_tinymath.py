@@ -13,6 +13,7 @@ from conftest import REPO
 
 from dqo_ray.config import TaskConfig
 from dqo_ray.evaluation.metrics import answer_key
+from dqo_ray.models import build_word_tokenizer
 from dqo_ray.tasks import (
     TINYMATH_WORDS,
     DatasetFormatError,
@@ -21,7 +22,6 @@ from dqo_ray.tasks import (
     grade_many,
     load_problems,
     render_solution,
-    tinymath_tokenizer,
 )
 from dqo_ray.tasks import tinymath as tm
 from dqo_ray.tasks.items import load_items
@@ -38,7 +38,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tinymath_tokenizer()
+    return build_word_tokenizer(TINYMATH_WORDS)
 
 
 def _equations(solution):

@@ -21,8 +21,8 @@ import torch
 import yaml
 from conftest import REPO, write_toy_store
 
-from dqo_ray.data.pipeline import EpochPlanner, score_reference
 from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.data.streams import EpochPlanner, score_reference
 from dqo_ray.models import ValueModel, load_policy, load_tokenizer
 from jobs import train as train_job
 

@@ -9,7 +9,8 @@ import torch
 from dqo_ray.config import AlgoConfig
 from dqo_ray.data.batch import pad_trajectories
 from dqo_ray.models import load_policy, load_value
-from dqo_ray.train.step import loss_on_batch, sequence_logprobs
+from dqo_ray.models.forward import sequence_logprobs
+from dqo_ray.train.step import loss_on_batch
 
 
 def make_rows(seed, n=3, vocab=30):
@@ -187,7 +188,7 @@ def test_stale_extension_build_lock_is_cleared(tmp_path, monkeypatch):
     import os
     import time
 
-    from dqo_ray.train.engines import clear_stale_build_lock
+    from dqo_ray.train.train_engine import clear_stale_build_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = tmp_path / "dqo_test_op"

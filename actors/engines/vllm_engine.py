@@ -67,12 +67,22 @@ class DQOWorkerExtension:
 
 
 def llm_arguments(model: str, dtype: str, seed: int, tensor_parallel: int,
-                  on_cpu: bool) -> dict[str, Any]:
-    """The `vllm.LLM` arguments of an engine (pure: no vLLM import)."""
+                  on_cpu: bool, *, gpu_memory_utilization: float | None = None,
+                  max_model_len: int | None = None,
+                  max_num_seqs: int | None = None) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of an engine (pure: no vLLM import). The memory settings
+    (generation.gpu_memory_utilization, max_model_len, max_num_seqs) are passed when set;
+    gpu_memory_utilization only on a GPU (on a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE)."""
     kwargs: dict[str, Any] = dict(
         model=model, dtype=resolve_dtype_name(dtype, cuda=not on_cpu), seed=seed,
         tensor_parallel_size=tensor_parallel, logprobs_mode=LOGPROBS_MODE,
         enforce_eager=on_cpu, worker_extension_cls=f"{__name__}.DQOWorkerExtension")
+    if gpu_memory_utilization is not None and not on_cpu:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
     if tensor_parallel > 1:
         # The TP workers as Ray actors in the engine actor's placement group (captured by
         # GeneratorPool); vLLM's default multiprocessing would start them outside Ray, on
@@ -91,10 +101,12 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, *, dtype: str = "auto", kv_cache_gb: float = 1.0,
-                 seed: int = 0, tensor_parallel: int = 1, **llm_kwargs) -> None:
+                 seed: int = 0, tensor_parallel: int = 1,
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int | None = None, **llm_kwargs) -> None:
         """kv_cache_gb: KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB, rounded up);
-        on GPU vLLM's own gpu_memory_utilization applies. Extra keyword arguments go to
-        `vllm.LLM` (e.g. max_model_len)."""
+        on GPU gpu_memory_utilization applies (None = vLLM's default). Extra keyword
+        arguments go to `vllm.LLM`."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -107,7 +119,9 @@ class VLLMEngine:
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gb)))
-        kwargs = llm_arguments(local_path, dtype, seed, tensor_parallel, on_cpu)
+        kwargs = llm_arguments(local_path, dtype, seed, tensor_parallel, on_cpu,
+                               gpu_memory_utilization=gpu_memory_utilization,
+                               max_model_len=max_model_len, max_num_seqs=max_num_seqs)
         dtype = kwargs["dtype"]
         kwargs.update(llm_kwargs)
         # An in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, as in tests) initialises a

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dqo_ray.device import resolve_dtype_name
+from dqo_ray.device import resolve_attn_implementation, resolve_dtype_name
 from dqo_ray.models.value import ValueModel
 
 log = logging.getLogger(__name__)
@@ -22,18 +22,32 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return getattr(torch, resolve_dtype_name(name, cuda))
 
 
-def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Any HF causal LM checkpoint folder (or hub name outside tests)."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def attn_implementation(name: str, device: torch.device | str = "cpu") -> str:
+    """model.attn_implementation on `device` (the rule: dqo_ray.device)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    cuda = torch.device(device).type == "cuda"
+    return resolve_attn_implementation(name, cuda, cuda and is_flash_attn_2_available())
+
+
+def _attn(attn: str | None) -> dict[str, str]:
+    return {"attn_implementation": attn} if attn else {}  # None: transformers' default
+
+
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                attn: str | None = None) -> PreTrainedModel:
+    """Any HF causal LM checkpoint folder (or hub name outside tests). `attn`: the attention
+    implementation (`attn_implementation`), None = transformers' default."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_attn(attn))
 
 
 def load_value(value_path: str | os.PathLike | None, policy_path: str | os.PathLike,
-               dtype: torch.dtype = torch.float32) -> ValueModel:
+               dtype: torch.dtype = torch.float32, attn: str | None = None) -> ValueModel:
     """A saved value model, or (value_path None) one initialised from the policy checkpoint."""
     if value_path is None:
         log.info("value model: backbone from policy %s, zero head", policy_path)
-        return ValueModel.from_policy(policy_path, dtype=dtype)
-    return ValueModel.from_pretrained(value_path, dtype=dtype)
+        return ValueModel.from_policy(policy_path, dtype=dtype, attn=attn)
+    return ValueModel.from_pretrained(value_path, dtype=dtype, **_attn(attn))
 
 
 def load_tokenizer(path: str | os.PathLike):

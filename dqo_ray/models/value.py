@@ -34,6 +34,11 @@ class ValueModel(PreTrainedModel):
     config_class = ValueModelConfig
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
+    # The attention is the backbone's: choosing sdpa / flash_attention_2 here passes the choice
+    # on to it (and the backbone's own class says whether it can run it).
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
 
     def __init__(self, config: ValueModelConfig) -> None:
         super().__init__(config)
@@ -58,11 +63,15 @@ class ValueModel(PreTrainedModel):
         return self.value_head(hidden).squeeze(-1).float()
 
     @classmethod
-    def from_policy(cls, policy_path: str | os.PathLike,
-                    dtype: torch.dtype = torch.float32) -> ValueModel:
-        """Backbone initialised from a causal-LM checkpoint (its LM head dropped), zero head."""
-        backbone = AutoModel.from_pretrained(policy_path, dtype=dtype)
+    def from_policy(cls, policy_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    attn: str | None = None) -> ValueModel:
+        """Backbone initialised from a causal-LM checkpoint (its LM head dropped), zero head.
+        `attn`: attention implementation, None = transformers' default."""
+        kwargs = {"attn_implementation": attn} if attn else {}
+        backbone = AutoModel.from_pretrained(policy_path, dtype=dtype, **kwargs)
         model = cls(ValueModelConfig(backbone_config=backbone.config))
+        if attn:  # from_config does not keep the backbone config's choice: set it again
+            model.set_attn_implementation(attn)
         model.backbone.load_state_dict(backbone.state_dict())
         return model.to(dtype)
 

@@ -30,7 +30,6 @@ from dqo_ray.tasks.tinymath import (
     TINYMATH_INSTRUCTION,
     TINYMATH_WORDS,
     extract_tinymath_answer,
-    tinymath_tokenizer,
 )
 
 __all__ = [
@@ -38,5 +37,5 @@ __all__ = [
     "build_prompt", "configure_grading", "extract_boxed", "extract_gsm8k_answer",
     "extract_tinymath_answer", "get_task", "grade", "grade_many", "has_chat_template",
     "load_problems", "render_solution", "resolve_source", "select_exemplars",
-    "shutdown_grading_pool", "stop_strings", "tinymath_tokenizer",
+    "shutdown_grading_pool", "stop_strings",
 ]

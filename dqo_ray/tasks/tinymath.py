@@ -148,14 +148,6 @@ TINYMATH_WORDS: tuple[str, ...] = _vocabulary()
 punctuation are single tokens of the word tokenizer already."""
 
 
-def tinymath_tokenizer() -> Any:
-    """The word/digit-level tokenizer of `dqo_ray.models.tiny` over TINYMATH_WORDS (no <unk>
-    on any tinymath prompt or solution)."""
-    from dqo_ray.models.tiny import build_word_tokenizer  # torch / transformers: lazy
-
-    return build_word_tokenizer(TINYMATH_WORDS)
-
-
 # --------------------------------------------------------------------------------------------
 # One problem
 # --------------------------------------------------------------------------------------------

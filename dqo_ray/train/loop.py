@@ -30,9 +30,15 @@ import torch.distributed as dist
 from dqo_ray.config import AlgoConfig, Config
 from dqo_ray.device import collective_device
 from dqo_ray.io import append_jsonl, atomic_write
-from dqo_ray.models import load_policy, load_tokenizer, load_value, resolve_dtype
-from dqo_ray.train.engines import TrainEngine, build_engine, resolve_engine_kind
+from dqo_ray.models import (
+    attn_implementation,
+    load_policy,
+    load_tokenizer,
+    load_value,
+    resolve_dtype,
+)
 from dqo_ray.train.step import loss_on_batch
+from dqo_ray.train.train_engine import TrainEngine, build_engine, resolve_engine_kind
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -98,13 +104,35 @@ def _sum_across_ranks(value: float, world_size: int,
     return float(packed.item())
 
 
-def export_hf(engine: TrainEngine, folder: Path, rank: int, tokenizer_src: str | None) -> None:
-    """HF-format export (safetensors): loadable by transformers and vLLM. Collective."""
+def export_hf(engine: TrainEngine, folder: Path, rank: int, tokenizer_src: str | None,
+              dtype: torch.dtype | None = None) -> None:
+    """HF-format export (safetensors): loadable by transformers and vLLM. Collective.
+
+    `dtype` (bf16 training: torch.bfloat16): floating weights are written in it, and config.json
+    says so, whatever the engine holds (torch DDP keeps fp32 master weights; DeepSpeed's bf16
+    module is bf16 already): the engines and the evaluator load a bf16 checkpoint, half the
+    bytes to write, copy and read. The exact fp32 state for resuming is the engine's own
+    (`TrainEngine.save`)."""
     state_dict = engine.full_state_dict()
     if rank == 0:
+        if dtype is not None and state_dict is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                          for k, v in state_dict.items()}
         engine.module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        if dtype is not None:
+            _set_config_dtype(folder / "config.json", str(dtype).removeprefix("torch."))
         if tokenizer_src is not None:
             load_tokenizer(tokenizer_src).save_pretrained(folder)
+
+
+def _set_config_dtype(config: Path, name: str) -> None:
+    """save_pretrained writes the module's parameter dtype; the export's is `name`."""
+    data = json.loads(config.read_text())
+    for node in (data, data.get("backbone_config")):  # the value model nests its backbone's
+        if isinstance(node, dict):
+            node["dtype"] = name
+            node.pop("torch_dtype", None)
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
@@ -113,13 +141,14 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
     kind = resolve_engine_kind(tcfg.engine, cuda=io.device.type == "cuda")
     dtype = resolve_dtype(cfg.model.dtype, io.device)
     bf16 = dtype == torch.bfloat16
-    policy = load_policy(policy_path)
+    attn = attn_implementation(cfg.model.attn_implementation, io.device)
+    policy = load_policy(policy_path, attn=attn)
     engines: dict[str, TrainEngine] = {}
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     engines["policy"] = build_engine(kind, policy.to(io.device), tcfg.policy_lr, tcfg, bf16)
     if acfg.has_value_model:
-        value = load_value(cfg.model.value, policy_path)
+        value = load_value(cfg.model.value, policy_path, attn=attn)
         if cfg.model.gradient_checkpointing:
             value.gradient_checkpointing_enable()
         engines["value"] = build_engine(kind, value.to(io.device), tcfg.value_lr, tcfg, bf16)
@@ -127,7 +156,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
         engine.module.train()
     reference = None
     if acfg.name == "dqo" and acfg.kl_coef > 0:  # pi_ref's full distribution, for the KL term
-        reference = load_policy(cfg.model.reference or policy_path, dtype).to(io.device)
+        reference = load_policy(cfg.model.reference or policy_path, dtype, attn).to(io.device)
         reference.eval().requires_grad_(False)
 
     state = TrainState()
@@ -187,7 +216,9 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                                eta_s=(tcfg.max_steps - state.step) / max(rate, 1e-9))
                 if "value" in engines:
                     metrics["lr_value"] = engines["value"].lr()
-                folder = _save_checkpoint(engines, state, io, policy_path) if checkpoint else None
+                folder = (_save_checkpoint(engines, state, io, policy_path,
+                                           torch.bfloat16 if bf16 else None)
+                          if checkpoint else None)
                 if io.rank == 0:
                     log.info("step %d/%d epoch %d loss %.4f | %.2f steps/s, data wait %.1f%%, "
                              "ETA %.0fs", state.step, tcfg.max_steps, state.epoch,
@@ -234,15 +265,17 @@ def _train_step(engines: dict[str, TrainEngine], micro_batches: list[Batch], acf
 
 
 def _save_checkpoint(engines: dict[str, TrainEngine], state: TrainState, io: WorkerIO,
-                     policy_path: str) -> Path:
-    """DeepSpeed/torch state for exact resume + HF exports; trainer_state.json written last."""
+                     policy_path: str, export_dtype: torch.dtype | None = None) -> Path:
+    """DeepSpeed/torch state for exact resume (every trainer.checkpoint_every steps and the
+    last) + HF exports in `export_dtype` (the training dtype: bf16 on GPUs);
+    trainer_state.json written last."""
     folder = io.scratch / f"rank{io.rank}" / f"checkpoint-{state.step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     for name, engine in engines.items():
         engine.save(folder / f"{name}_state")
-    export_hf(engines["policy"], folder / "policy", io.rank, policy_path)
+    export_hf(engines["policy"], folder / "policy", io.rank, policy_path, export_dtype)
     if "value" in engines:
-        export_hf(engines["value"], folder / "value", io.rank, None)
+        export_hf(engines["value"], folder / "value", io.rank, None, export_dtype)
     if io.rank == 0:
         state.save(folder / STATE_FILE)
     return folder

@@ -22,13 +22,13 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dqo_ray.config import Config, from_dict, to_dict
 from dqo_ray.data.groups import outcome_mix
-from dqo_ray.data.pipeline import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.data.streams import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.device import choose_device
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.runtime import WORKER_ENV, init_ray, record_placement
@@ -166,7 +166,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         torch_config=TorchConfig(backend=choose_device(tcfg.use_gpu).backend),
-        run_config=RunConfig(
+        run_config=ray.train.RunConfig(  # Ray's, not dqo_ray.config.RunConfig
             name="train", storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep),

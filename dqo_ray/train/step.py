@@ -22,32 +22,7 @@ from dqo_ray.algo import (
 )
 from dqo_ray.algo.process_rewards import soft_step_values
 from dqo_ray.config import AlgoConfig
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def next_token_logits(model: nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] ids -> [B, L-1, V] scores of token t+1 given tokens <= t."""
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask)).logits[:, :-1]
-
-
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[B, L] ids -> [B, L-1] log p(token t+1 | tokens <= t) (0-padded where masked)."""
-    logits = next_token_logits(model, input_ids, attention_mask)  # [B, L-1, V]
-    return token_logprobs(logits, input_ids[:, 1:], temperature=temperature)
-
-
-def sequence_values(value_model: nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] ids -> [B, L] V(state ending at each position)."""
-    return value_model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids(attention_mask))
+from dqo_ray.models.forward import next_token_logits, sequence_values
 
 
 def loss_on_batch(policy: nn.Module, value_model: nn.Module | None,

@@ -210,7 +210,7 @@ class ReferenceScorer:
 
     def __init__(self, model_path: str, pad_id: int, use_gpu: bool = False) -> None:
         from dqo_ray.models import load_policy, resolve_dtype
-        from dqo_ray.train.step import sequence_logprobs
+        from dqo_ray.models.forward import sequence_logprobs
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

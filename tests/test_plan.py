@@ -1,0 +1,407 @@
+"""The run's plan (issue 15, deliver 2): resources per role, GPU memory, and a refusal naming the
+role and the numbers when a described cluster cannot hold them; the pipeline refuses the same
+run at start; the GPU recipes fit their clusters; vLLM's memory settings reach the engines."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from conftest import REPO
+
+from dqo_ray.config import ConfigError, load_config
+from dqo_ray.plan import (
+    Ask,
+    Cluster,
+    Node,
+    PlanError,
+    cluster_from_ray_nodes,
+    gpu_kind,
+    make_plan,
+    model_shape,
+    parse_cluster,
+    place,
+)
+
+QWEN = "Qwen/Qwen2.5-1.5B-Instruct"  # sized from the table of known models: no download
+GPU_RUN = ["trainer.use_gpu=true", "generation.gpus_per_engine=1", "eval.gpus=1",
+           f"model.policy={QWEN}", "model.gradient_checkpointing=true",
+           "trainer.zero_stage=2", "generation.max_model_len=1024",
+           "data.max_prompt_tokens=512", "data.max_response_tokens=512"]
+
+
+def plan_of(overrides: list[str], cluster: str, config: str | None = None):
+    cfg = load_config(config, overrides)
+    return make_plan(cfg, parse_cluster(cluster), model_shape(cfg.model))
+
+
+# -- clusters ------------------------------------------------------------------------------------
+
+
+def test_cluster_descriptions():
+    c = parse_cluster("2x8xH100")
+    assert (len(c.nodes), c.gpus, c.cpus) == (2, 16, 192)  # 12 CPUs per GPU unless stated
+    assert c.nodes[0].gpu.memory_gib == 80 and c.nodes[0].gpu.bf16_tflops == 989
+    assert parse_cluster("1x8xA100").nodes[0].gpu.memory_gib == 40  # the smaller part
+    a100 = parse_cluster("1x8xA100-80GB:96cpu")
+    assert a100.nodes[0].gpu.memory_gib == 80 and a100.cpus == 96
+    assert gpu_kind("A100-80G").memory_gib == 80  # Ray's accelerator type name
+    for bad, message in [("8xH100", "is not a cluster NODESxGPUSxTYPE"),
+                         ("0x8xH100", "at least one node"),
+                         ("1x8xMI300", "GPU type MI300 has no known memory size")]:
+        with pytest.raises(PlanError, match=message):
+            parse_cluster(bad)
+    assert parse_cluster("1x8xMI300-192GB").nodes[0].gpu.memory_gib == 192
+
+
+def test_cluster_from_the_running_rays_nodes():
+    nodes = [
+        {"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1",
+         "Resources": {"CPU": 0.0, "memory": 1e10}},  # a CPU-less head
+        {"Alive": True, "NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2",
+         "Resources": {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H100": 1.0}},
+        {"Alive": False, "NodeID": "c" * 56, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+    ]
+    cluster = cluster_from_ray_nodes(nodes)
+    assert [(n.name, n.cpus, n.gpus) for n in cluster.nodes] == [
+        ("10.0.0.1 (aaaaaaaaaaaa)", 0, 0), ("10.0.0.2 (bbbbbbbbbbbb)", 192, 8)]
+    assert cluster.nodes[1].gpu.name == "H100" and cluster.nodes[1].gpu.memory_gib == 80
+
+
+def test_nodes_sharing_a_machine_are_counted_apart():
+    """Two Ray nodes on one machine (cluster/local_cluster.sh) share an address: ci-small's
+    phases need 3.5 of their 2 + 2 CPUs."""
+    nodes = [{"Alive": True, "NodeID": f"{c}" * 56, "NodeManagerAddress": "127.0.0.1",
+              "Resources": {"CPU": 2.0}} for c in "ab"]
+    cluster = cluster_from_ray_nodes(nodes)
+    cfg = load_config(REPO / "configs" / "ci-small.yaml")
+    plan = make_plan(cfg, cluster, model_shape(cfg.model))
+    assert plan.ok and plan.overlap, plan.refusal()
+    assert place(cluster, [Ask("evaluator", 1, 0, 2), Ask("trainer", 1, 0, 2)]) is None
+    assert place(cluster, [Ask("trainer", 3, 0, 1.5)]) == "trainer 3 of 3 (1.5 CPUs)"
+
+
+def test_placement_keeps_a_units_gpus_on_one_node():
+    two = Cluster("2x4", (Node("n0", 32, 4), Node("n1", 32, 4)))
+    assert place(two, [Ask("generator", 2, 4, 4)]) is None
+    assert place(two, [Ask("generator", 1, 8, 8)]) == "generator 1 of 1 (8 GPUs, 8 CPUs)"
+    # 3 + 3 GPUs leave 1 + 1: a 2-GPU engine does not fit although 2 GPUs are free
+    assert place(two, [Ask("trainer", 2, 3, 1), Ask("generator", 1, 2, 2)]) == \
+        "generator 1 of 1 (2 GPUs, 2 CPUs)"
+
+
+# -- model sizes ---------------------------------------------------------------------------------
+
+
+def test_model_size_from_config_json_the_table_or_unknown(tiny_checkpoint):
+    cfg = load_config(None, [f"model.policy={tiny_checkpoint}"])
+    shape = model_shape(cfg.model)
+    assert shape.source.endswith("config.json") and shape.hidden == 64
+    from transformers import AutoModelForCausalLM
+
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+               .parameters())
+    assert shape.params == real  # the formula counts what transformers builds
+    qwen = model_shape(load_config(None, [f"model.policy={QWEN}"]).model)
+    assert qwen.source == "the table of known models"
+    assert 1.53e9 < qwen.params < 1.55e9  # Qwen2.5-1.5B: 1.54B
+    assert model_shape(load_config(None, ["model.policy=/models/Qwen2.5-7B-Instruct"])
+                       .model).params > 7e9  # a local folder not on this machine: by its name
+    assert model_shape(load_config(None, ["model.policy=org/unknown-model"]).model) is None
+    plan = plan_of([*GPU_RUN, "model.policy=org/unknown-model"], "1x8xH100")
+    assert plan.ok and not plan.memory
+    assert any("size unknown, GPU memory not estimated" in n for n in plan.notes)
+
+
+# -- fitting and refusing ------------------------------------------------------------------------
+
+
+def test_a_plan_that_fits_with_overlap():
+    plan = plan_of([*GPU_RUN, "trainer.num_workers=4", "generation.num_engines=3",
+                    "data.ref_actors=4"], "1x8xH100-80GB")
+    assert plan.ok, plan.refusal()
+    assert plan.overlap and not plan.release_pool
+    assert "auto: the trainer, the engines and the evaluator fit at once" in plan.overlap_why
+    asks = plan.asks
+    assert (asks["trainer"].count, asks["trainer"].gpus) == (4, 1)
+    assert (asks["generator"].count, asks["generator"].gpus) == (3, 1)
+    assert (asks["evaluator"].gpus, asks["reference"].gpus, asks["reference"].count) == (1, 1, 4)
+    assert [a.role for a in plan.phases["train"]] == ["trainer", "ray-data", "evaluator",
+                                                      "generator"]
+    trainer = next(m for m in plan.memory if m.role == "trainer")
+    assert 10 < trainer.total < 80 and trainer.parts["optimizer"] > trainer.parts["gradients"]
+    text = plan.render("t")
+    assert "| trainer | 4 | 1 |" in text and "fits: yes" in text and "KV cache" in text
+
+
+def test_a_plan_that_does_not_fit_names_the_role_and_numbers():
+    # 8 train workers + the evaluator's GPU = 9 GPUs at once on 8, whatever overlap does
+    plan = plan_of([*GPU_RUN, "trainer.num_workers=8", "generation.num_engines=2"], "1x8xH100")
+    assert not plan.ok and not plan.overlap and plan.release_pool
+    [problem] = plan.problems
+    assert problem == ("phase train needs trainer 8 x (1 GPU, 0.5 CPUs) + ray-data 1 x (1 CPU)"
+                       " + evaluator 1 x (1 GPU, 1 CPU) = 9 GPUs, 6 CPUs at once; 1x8xH100 has "
+                       "8 GPUs (at most 8 on a node), 96 CPUs: no node has room for trainer 8 "
+                       "of 8 (1 GPU, 0.5 CPUs)")
+    assert plan.refusal() == "plan refused: " + problem
+    assert "fits: no (1 problem(s))" in plan.render()
+
+
+def test_memory_that_does_not_fit_is_refused_with_its_parts():
+    plan = plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct", "trainer.zero_stage=0",
+                    "model.gradient_checkpointing=false", "trainer.num_workers=4"],
+                   "1x8xH100")
+    [problem] = plan.problems
+    assert problem.startswith("trainer: needs about ")
+    assert "more than the 80 GiB of an H100: raise trainer.zero_stage" in problem
+    for part in ("weights", "gradients", "optimizer", "activations", "logits"):
+        assert part in problem
+    # ZeRO 3 over 4 workers and gradient checkpointing bring it under 80 GiB
+    assert plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct", "trainer.zero_stage=3",
+                    "trainer.num_workers=4", "trainer.micro_batch_size=2"], "1x8xH100").ok
+
+
+def test_an_engine_whose_kv_cache_cannot_hold_one_sequence_is_refused():
+    plan = plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct",
+                    "generation.gpu_memory_utilization=0.7", "trainer.num_workers=1",
+                    "trainer.zero_stage=3", "generation.max_model_len=null"], "1x4xL4")
+    generator, evaluator = [p for p in plan.problems if p.startswith(("generator", "evaluator"))]
+    assert generator.startswith(
+        "generator: vLLM's share of an L4 is 16.8 GiB (generation.gpu_memory_utilization 0.7 "
+        "x 24 GiB) and its KV cache holds ")
+    assert "less than one sequence of max_model_len 32,768 tokens (weights 14.2 GiB)" in generator
+    assert evaluator.startswith("evaluator: vLLM's share of an L4 is 16.8 GiB")
+    tight = plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct",
+                     "generation.gpu_memory_utilization=0.5"], "1x4xL4")
+    assert any("and the weights and activations take all of it" in p for p in tight.problems)
+    # a shorter max_model_len fits in the same KV cache
+    assert not any(p.startswith("generator") for p in plan_of(
+        [*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct",
+         "generation.gpu_memory_utilization=0.7"], "1x4xL4").problems)
+
+
+def test_overlap_auto_turns_off_and_the_pool_gives_its_gpus_back():
+    """4 workers + 4 engines + the evaluator = 9 GPUs: not at once on 8; with the pool released
+    during reference scoring and training every phase fits."""
+    overrides = [*GPU_RUN, "trainer.num_workers=4", "generation.num_engines=4",
+                 "data.ref_actors=4"]
+    plan = plan_of(overrides, "1x8xH100")
+    assert plan.ok and not plan.overlap and plan.release_pool
+    assert "do not all fit at once" in plan.overlap_why
+    assert "generator" not in [a.role for a in plan.phases["train"]]
+    assert "released after each data round" in plan.render()
+    forced = plan_of([*overrides, "pipeline.overlap=on"], "1x8xH100")
+    assert not forced.ok and forced.overlap
+    assert any("pipeline.overlap: off (or auto) would fit" in n for n in forced.notes)
+    # a CPU-only pool is kept (and counted) with overlap off
+    cpu = plan_of(["pipeline.overlap=off"], "1x8xH100")
+    assert not cpu.release_pool and "generator" in [a.role for a in cpu.phases["train"]]
+
+
+def test_tensor_parallel_engines_need_their_gpus_on_one_node():
+    plan = plan_of([*GPU_RUN, "trainer.num_workers=2", "generation.gpus_per_engine=4",
+                    "generation.num_engines=2", "data.ref_actors=2"], "2x4xH100")
+    assert not plan.ok  # a 4-GPU engine fills a node: nothing else fits beside two of them
+    assert plan.asks["generator"].unit() == "4 GPUs, 4 CPUs"
+    assert plan_of([*GPU_RUN, "trainer.num_workers=2", "generation.gpus_per_engine=2",
+                    "generation.num_engines=1", "data.ref_actors=2",
+                    "pipeline.overlap=off"], "1x4xH100").ok
+
+
+# -- the command, the recipes, and the pipeline's start check --------------------------------------
+
+
+@pytest.mark.parametrize("recipe, cluster", [("gsm8k-qwen2.5-1.5b.yaml", "1x8xH100-80GB"),
+                                             ("gsm8k-qwen2.5-1.5b-2node.yaml", "2x8xH100-80GB")])
+def test_gpu_recipes_fit_their_clusters(recipe, cluster, capsys):
+    from jobs import plan as plan_job
+
+    path = str(REPO / "configs" / recipe)
+    cfg = load_config(path)
+    assert cfg.ray.cluster == cluster  # what the pipeline checks at start
+    assert (cfg.model.dtype, cfg.trainer.engine, cfg.model.gradient_checkpointing) == (
+        "bfloat16", "deepspeed", True)
+    assert cfg.trainer.zero_stage >= 1 and cfg.trainer.use_gpu
+    g = cfg.generation
+    assert g.chunk_prompts * g.samples_per_prompt >= g.max_num_seqs  # fills an engine
+    assert plan_job.main(["--config", path]) == 0
+    out = capsys.readouterr().out
+    assert "fits: yes" in out and "overlap: on" in out
+    plan = plan_of([], cluster, path)
+    used = sum(a.count * a.gpus for a in plan.phases["train"])
+    assert used == plan.cluster.gpus  # every GPU has work while training
+    assert not plan.notes or all("queue" not in n and "fill" not in n for n in plan.notes)
+
+
+def test_plan_command_refuses_with_exit_code_2(capsys):
+    from jobs import plan as plan_job
+
+    args = [a for o in [*GPU_RUN, "trainer.num_workers=8"] for a in ("--set", o)]
+    assert plan_job.main([*args, "--cluster", "1x8xH100"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("plan refused: phase train needs trainer 8 x (1 GPU")
+    assert "no node has room for trainer 8 of 8" in captured.err
+    assert "fits: no" in captured.out
+    assert plan_job.main([*args]) == 2
+    assert "no cluster to plan for: give --cluster" in capsys.readouterr().err
+    assert plan_job.main([*args, "--cluster", "8xH100"]) == 2
+    assert "'8xH100' is not a cluster" in capsys.readouterr().err
+
+
+def test_pipeline_refuses_the_same_plan_before_starting_anything(tmp_path, capsys,
+                                                                   monkeypatch):
+    from jobs import pipeline
+    from jobs import plan as plan_job
+
+    started = []
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: started.append("ray"))
+    sets = [*GPU_RUN, "trainer.num_workers=8", f"run.output_dir={tmp_path}"]
+    args = [a for o in sets for a in ("--set", o)]
+    assert plan_job.main([*args, "--cluster", "1x8xH100"]) == 2
+    refused = capsys.readouterr().err
+    assert pipeline.main([*args, "--set", "ray.cluster=1x8xH100"]) == 2
+    assert capsys.readouterr().err == refused
+    assert not started and not any(tmp_path.iterdir())  # neither Ray nor the run folder
+
+
+def test_pipeline_releases_the_pool_between_data_and_reference(monkeypatch, tmp_path):
+    """overlap off with engines on GPUs: the pool is shut down after each data round and
+    started again (from the newest policy) for the next."""
+    from jobs import pipeline
+
+    cfg = load_config(None, [*GPU_RUN, "trainer.num_workers=4", "generation.num_engines=4",
+                             "pipeline.rounds=2", f"run.output_dir={tmp_path}",
+                             "pipeline.evaluate_start=false"])
+    plan = make_plan(cfg, parse_cluster("1x8xH100"), model_shape(cfg.model))
+    assert plan.release_pool
+    events: list[str] = []
+
+    class FakePool:
+        def __init__(self, cfg, policy):
+            events.append(f"pool from {policy}")
+            self.actors, self.weights = [], policy
+
+        def shutdown(self):
+            events.append("pool shut down")
+
+    class FakeEvaluator:
+        class where:
+            @staticmethod
+            def remote():
+                return {}
+
+    monkeypatch.setattr(pipeline, "GeneratorPool", FakePool)
+    monkeypatch.setattr(pipeline, "start_evaluator", lambda *a: FakeEvaluator())
+    monkeypatch.setattr(pipeline, "record_placement", lambda *a: None)
+    monkeypatch.setattr(pipeline.ray, "get", lambda ref: ref)
+    monkeypatch.setattr(pipeline, "read_results", lambda run_dir: [])
+    from dqo_ray.run_state import RunState
+
+    p = pipeline.Pipeline(cfg, RunState(cfg.run.run_dir, {}), plan)
+    monkeypatch.setattr(p, "start_policy", lambda: "start")
+
+    def data(r, policy, start):
+        p.generator_pool(policy)
+        events.append(f"data {r} from {policy}")
+
+    monkeypatch.setattr(p, "data", data)
+    monkeypatch.setattr(p, "reference", lambda r, start: events.append(f"reference {r}"))
+    monkeypatch.setattr(p, "train", lambda r, policy, value, start, overlapping: (
+        events.append(f"train {r}"), {"policy": f"policy{r}", "value": None})[1])
+    monkeypatch.setattr(p, "evaluate", lambda r: None)
+    monkeypatch.setattr(p, "finish", lambda: p.release_pool())
+    p.run()
+    assert events == ["pool from start", "data 0 from start", "pool shut down", "reference 0",
+                      "train 0", "pool from policy0", "data 1 from policy0", "pool shut down",
+                      "reference 1", "train 1"]
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ray.cluster=8xH100"], "ray.cluster: '8xH100' is not a cluster"),
+    (["generation.gpu_memory_utilization=1.5"], "generation.gpu_memory_utilization: 1.5 must be "
+                                                "<= 0.98"),
+    (["generation.max_num_seqs=0"], "generation.max_num_seqs: 0 must be >= 1"),
+    (["generation.max_model_len=600", "data.max_prompt_tokens=512",
+      "generation.max_new_tokens=256", "eval.max_new_tokens=256"],
+     "generation.max_model_len: 600 is shorter than the longest sequence an engine is given "
+     "(768 = data.max_prompt_tokens + generation.max_new_tokens, eval.max_new_tokens)"),
+    (["model.attn_implementation=flash"], "model.attn_implementation: 'flash' is not one of"),
+    (["run.output_dir=s3://bucket/runs"], "run.output_dir: 's3://bucket/runs' is a URI"),
+    (["pipeline.cache_dir=gs://bucket/cache"], "pipeline.cache_dir: 'gs://bucket/cache' is a "
+                                               "URI"),
+])
+def test_new_settings_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_vllm_memory_settings_reach_llm_arguments():
+    from actors.engines.vllm_engine import llm_arguments
+
+    cfg = load_config(None, ["generation.gpu_memory_utilization=0.8",
+                             "generation.max_model_len=2048", "generation.max_num_seqs=256"])
+    gpu = llm_arguments("m", "auto", 0, 1, on_cpu=False, **cfg.generation.vllm_memory)
+    assert (gpu["gpu_memory_utilization"], gpu["max_model_len"], gpu["max_num_seqs"]) == (
+        0.8, 2048, 256)
+    cpu = llm_arguments("m", "auto", 0, 1, on_cpu=True, **cfg.generation.vllm_memory)
+    assert "gpu_memory_utilization" not in cpu  # VLLM_CPU_KVCACHE_SPACE there
+    assert (cpu["max_model_len"], cpu["max_num_seqs"]) == (2048, 256)
+    unset = llm_arguments("m", "auto", 0, 1, on_cpu=False,
+                          **load_config(None).generation.vllm_memory)
+    assert unset["gpu_memory_utilization"] == 0.9  # vLLM's own default, said out loud
+    assert "max_model_len" not in unset and "max_num_seqs" not in unset
+
+
+def test_engines_and_evaluator_get_the_vllm_memory_settings(tmp_path, tiny_checkpoint,
+                                                           monkeypatch):
+    from actors import evaluator, generator
+    from actors.engines import base, vllm_engine
+
+    made = []
+    monkeypatch.setattr(generator, "make_engine", lambda kind, path, **kw: made.append(kw))
+    monkeypatch.setattr(evaluator, "make_engine", lambda kind, path, **kw: made.append(kw))
+    cfg = load_config(None, ["generation.gpu_memory_utilization=0.7",
+                             "generation.max_model_len=1024", "generation.max_num_seqs=64",
+                             "eval.datasets=[tinymath]", "eval.limit=2",
+                             f"run.output_dir={tmp_path}"])
+    generator.EngineWorker(cfg, str(tiny_checkpoint))
+    evaluator.Evaluator(cfg, str(tiny_checkpoint), cfg.run.run_dir)
+    want = {"gpu_memory_utilization": 0.7, "max_model_len": 1024, "max_num_seqs": 64}
+    assert [{k: m[k] for k in want} for m in made] == [want, want]
+
+    class Captured(Exception):
+        pass
+
+    def fake_vllm(path, **kwargs):
+        raise Captured(json.dumps({k: kwargs[k] for k in want}))
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", fake_vllm)
+    monkeypatch.setattr(base, "vllm_importable", lambda: True)
+    with pytest.raises(Captured) as info:  # make_engine hands them to the vLLM engine
+        base.make_engine("vllm", str(tiny_checkpoint), cuda=False, **want)
+    assert json.loads(str(info.value)) == want
+
+
+def test_plan_runs_without_ray_imported():
+    import subprocess
+
+    code = ("import sys; import dqo_ray.plan, jobs.plan; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert out.stdout.strip() == "False"
+
+
+def test_bare_on_and_off_in_yaml_are_the_overlap_modes(tmp_path):
+    """YAML 1.1 reads `overlap: on` as True: it means "on", not an error."""
+    for word in ("on", "off"):
+        path = tmp_path / f"{word}.yaml"
+        path.write_text(f"pipeline:\n  overlap: {word}\n")
+        assert load_config(path).pipeline.overlap == word
+    with pytest.raises(ConfigError, match="trainer.use_gpu: 'on' is not bool"):
+        load_config(None, ["trainer.use_gpu='on'"])
