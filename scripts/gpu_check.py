@@ -221,7 +221,6 @@ def synthetic_batch(micro_batch: int, seq: int, vocab: int, seed: int = 0) -> di
 
 def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, str]:
     import torch
-    from dqo_ray.train.train_engine import build_engine, import_deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dqo_ray.config import load_config
@@ -229,6 +228,7 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
     from dqo_ray.models import ValueModel, ValueModelConfig, attn_implementation
     from dqo_ray.plan import shape_from_hf_config, trainer_memory
     from dqo_ray.train.loop import _train_step
+    from dqo_ray.train.train_engine import build_engine, import_deepspeed
 
     init_group(cuda, device)
     kind, why = "torch", "asked for"

@@ -23,10 +23,9 @@ def _dtypes(folder) -> set[str]:
 
 
 def test_bf16_export_from_fp32_master_weights(tiny_checkpoint, tmp_path):
-    from dqo_ray.train.train_engine import TorchTrainEngine
-
     from dqo_ray.models import load_policy, load_value
     from dqo_ray.train.loop import export_hf
+    from dqo_ray.train.train_engine import TorchTrainEngine
 
     tcfg = load_config(None).trainer
     policy = TorchTrainEngine(load_policy(tiny_checkpoint), 1e-3, tcfg, bf16=True)
