@@ -12,8 +12,8 @@ different one raises instead of silently mixing two experiments. `pipeline.round
 out so that a finished run can be extended with more rounds; `ray` (where it runs) and
 `eval` (what is measured, not what is trained) and `compare` (which runs jobs/compare.py
 makes) are left out too, and so is `grading` (how many processes grade, and a time limit that
-only pathological math_verify comparisons reach), which also lets runs recorded before that
-section existed resume.
+only pathological math_verify comparisons reach). A setting added to the project after a run
+began is no change while it keeps its default, so runs resume across upgrades.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dqo_ray.config import Config, to_dict
 from dqo_ray.io import atomic_write
 
 STATE_FILE = "pipeline_state.json"
@@ -39,13 +40,25 @@ def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
             for section, values in config.items() if section not in sections}
 
 
-def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+_ABSENT = object()
+
+
+def _diff(old: Any, new: Any, default: Any, path: str = "") -> list[str]:
+    """Changed settings as "path: old -> new". A setting the saved record lacks (added to
+    the project since the run began) counts only when its new value is not the default."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
+        defaults = default if isinstance(default, dict) else {}
         for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            out += _diff(old.get(key, _ABSENT), new.get(key, _ABSENT),
+                         defaults.get(key, _ABSENT), f"{path}.{key}" if path else key)
         return out
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+    if old is _ABSENT and new == default:
+        return []
+    if old == new:
+        return []
+    shown = [None if v is _ABSENT else v for v in (old, new)]
+    return [f"{path}: {shown[0]!r} -> {shown[1]!r}"]
 
 
 class StateError(ValueError):
@@ -63,7 +76,7 @@ class RunState:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise StateError(f"{self.path}: not a pipeline state file ({exc}); move it "
                                  "away to start the run over") from exc
-            changed = _diff(saved, fingerprint)
+            changed = _diff(saved, fingerprint, config_fingerprint(to_dict(Config())))
             if changed:
                 raise StateError(
                     f"{self.path}: this run was started with another configuration "

@@ -48,6 +48,15 @@ def test_state_of_a_run_from_before_the_grading_section_resumes(tmp_path):
     RunState(tmp_path, to_dict(load_config(None, ["grading.workers=4", "grading.timeout_s=9"])))
 
 
+def test_state_of_a_run_from_before_a_new_setting_resumes_while_it_is_at_its_default(tmp_path):
+    older = to_dict(load_config(None))
+    del older["generation"]["max_num_seqs"], older["model"]["attn_implementation"]
+    RunState(tmp_path, older)  # recorded before the two settings existed
+    with pytest.raises(StateError, match=r"\(model.attn_implementation: None -> 'sdpa'\)"):
+        RunState(tmp_path, to_dict(load_config(None, ["model.attn_implementation=sdpa"])))
+    RunState(tmp_path, to_dict(load_config(None)))  # at their defaults: no change
+
+
 def test_state_file_that_is_not_ours_is_named(tmp_path):
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(StateError, match=f"{STATE_FILE}: not a pipeline state file"):
