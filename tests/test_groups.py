@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from test_pairs import rows_table
 
-from dqo_ray.data.groups import balanced_groups, outcome_mix
+from dqo_ray.data.groups import balanced_groups, outcome_mix, require_mixed
 
 
 def test_outcome_mix_counts_prompts_not_rows():
@@ -17,6 +17,14 @@ def test_outcome_mix_counts_prompts_not_rows():
     assert mix == {"mixed_prompt_frac": 1 / 3, "all_correct_prompt_frac": 1 / 3,
                    "all_wrong_prompt_frac": 1 / 3, "prompts": 3}
     assert outcome_mix([], [])["prompts"] == 0
+
+
+def test_balanced_training_without_a_mixed_prompt_is_refused_by_name():
+    require_mixed(outcome_mix(["a", "a"], [True, False]), "data.prompt_groups=balanced", "s")
+    one_sided = outcome_mix(["a", "a", "b"], [False, False, True])
+    with pytest.raises(ValueError, match=r"store 's': none of its 2 prompts has both a correct "
+                       r"and an incorrect sample, and data.prompt_groups=balanced trains only"):
+        require_mixed(one_sided, "data.prompt_groups=balanced", "s")
 
 
 def test_balanced_groups_keep_min_of_each_side_and_drop_one_sided_prompts():

@@ -29,6 +29,15 @@ def outcome_mix(prompt_ids: Iterable[str], correct: Iterable[bool]) -> dict[str,
             "prompts": n}
 
 
+def require_mixed(mix: dict[str, float], setting: str, store: str) -> None:
+    """Raises a ValueError naming `setting` when no prompt of `mix` (outcome_mix) has both a
+    correct and an incorrect sample: `setting` trains only on those, so it has nothing."""
+    if mix["mixed_prompt_frac"] == 0:
+        raise ValueError(f"store {store!r}: none of its {mix['prompts']} prompts has both a "
+                         f"correct and an incorrect sample, and {setting} trains only on such "
+                         "prompts (sample more per prompt: generation.samples_per_prompt)")
+
+
 def balanced_groups(table: pa.Table, seed: int, epoch: int) -> pa.Table:
     """The rows of `table` (one or many prompts) that form balanced outcome groups: a prompt
     with c correct and i incorrect rows keeps min(c, i) of each (chosen per epoch by a hash of

@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dqo_ray.config import Config, from_dict, to_dict
-from dqo_ray.data.groups import outcome_mix
+from dqo_ray.data.groups import outcome_mix, require_mixed
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.data.streams import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.device import choose_device
@@ -147,6 +147,11 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
     mix = outcome_mix(*store.read_table(shards, ["prompt_id", "correct"]).to_pydict().values())
     log.info("training data: %d prompts, %.1f%% with mixed outcomes, %.1f%% all wrong",
              mix["prompts"], 100 * mix["mixed_prompt_frac"], 100 * mix["all_wrong_prompt_frac"])
+    balanced = cfg.data.prompt_groups == "balanced" and cfg.algo.has_value_model
+    if cfg.algo.name == "dpo":
+        require_mixed(mix, "algo.name=dpo", cfg.store)
+    elif balanced:
+        require_mixed(mix, "data.prompt_groups=balanced", cfg.store)
     tcfg = cfg.trainer
     weights = {int(k): v for k, v in cfg.data.round_weights.items()}
     planner = planner_actor(cfg.store, cfg.data.rounds or None, weights,
@@ -154,8 +159,7 @@ def train_on_store(cfg: Config, policy_path: str, pid_file: str | None = None,
                             pairs=cfg.algo.name == "dpo",
                             run_rows=tcfg.max_steps * tcfg.micro_batch_size
                             * tcfg.grad_accum_steps * tcfg.num_workers,
-                            balanced=cfg.data.prompt_groups == "balanced"
-                            and cfg.algo.has_value_model)
+                            balanced=balanced)
     planner.prefetch.remote(_resume_epoch(run_dir))  # overlaps the worker group's start-up
     trainer = TorchTrainer(
         _worker_main,
