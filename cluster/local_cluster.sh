@@ -3,7 +3,11 @@
 # raylets), each with its own logical CPUs. Used by tests of multi-node placement.
 #   cluster/local_cluster.sh start [N_WORKERS]   -> prints the GCS address, then the job
 #                                                   submission (dashboard) address
+#   cluster/local_cluster.sh kill-node I         -> worker node I lost at once, as when a
+#                                                   spot instance is preempted (SIGKILL to
+#                                                   its raylet and every process under it)
 #   cluster/local_cluster.sh stop                -> stops this cluster, and only it
+# RAY_LOCAL_HEAD_CPUS (default 2): the head's CPUs; 0 keeps all work on the worker nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY="${RAY:-.venv/bin/ray}"
@@ -31,7 +35,7 @@ case "${1:-}" in
   start)
     workers="${2:-1}"
     # shellcheck disable=SC2046
-    "$RAY" start --head --port="$PORT" --num-cpus=2 --resources='{"local_head": 1}' \
+    "$RAY" start --head --port="$PORT" --num-cpus="${RAY_LOCAL_HEAD_CPUS:-2}" --resources='{"local_head": 1}' \
         --temp-dir="$TMP" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
         $(node_ports 0) --disable-usage-stats >/dev/null
     for i in $(seq 1 "$workers"); do
@@ -42,6 +46,14 @@ case "${1:-}" in
     done
     echo "127.0.0.1:$PORT"
     echo "http://127.0.0.1:$DASHBOARD_PORT"
+    ;;
+  kill-node)
+    [[ -n "${2:-}" ]] || { echo "usage: $0 kill-node I" >&2; exit 2; }
+    tree() { local p; for p in "$@"; do echo "$p"; tree $(pgrep -P "$p" || true); done; }
+    # The raylet is the one whose static resources hold this node's marker resource.
+    raylet=$(pgrep -f -- "raylet.*$TMP.*local_worker_$2,|raylet.*local_worker_$2,.*$TMP" || true)
+    [[ -n "$raylet" ]] || { echo "no running worker node $2 in $TMP" >&2; exit 1; }
+    kill -KILL $(tree $raylet) 2>/dev/null || true
     ;;
   stop)
     # The processes naming $TMP (GCS, raylets, dashboard, log monitors) and all their
@@ -58,7 +70,7 @@ case "${1:-}" in
     kill -KILL $alive 2>/dev/null || true
     ;;
   *)
-    echo "usage: $0 start [N_WORKERS] | stop" >&2
+    echo "usage: $0 start [N_WORKERS] | kill-node I | stop" >&2
     exit 2
     ;;
 esac

@@ -91,6 +91,12 @@ class RayConfig:
     2x8xH100-80GB, 1x8xA100-40GB:96cpu): the pipeline checks its plan (dqo_ray.plan) against
     it at start instead of the nodes Ray has now, which an autoscaling cluster has not started
     yet. None = the running cluster's nodes."""
+    resource_check_s: float = field(default=30.0, metadata=_range(gt=0))
+    """How often the pipeline checks that the alive nodes still hold the run's plan (a node
+    lost to a spot preemption makes Ray wait silently; this logs it)."""
+    resource_wait_s: float = field(default=0.0, metadata=_range(ge=0))
+    """How long the pipeline waits for lost capacity to come back before it fails with the
+    reason (0 = as long as it takes: an autoscaler replaces nodes). Re-submitting resumes."""
 
     def check(self) -> list[str]:
         if self.cluster is None:
@@ -367,6 +373,9 @@ class EvalConfig:
     engine: Literal["auto", "vllm", "hf"] = "auto"
     cpus: float = field(default=1.0, metadata=_range(gt=0))
     gpus: int = field(default=0, metadata=_range(ge=0))
+    max_restarts: int = field(default=3, metadata=_range(ge=0))
+    """How many times the pipeline replaces a lost evaluator (its node gone, a crash) with a
+    new one that redoes the unfinished evaluations, before it fails."""
 
     def check(self) -> list[str]:
         unknown = [k for k in self.sources if k not in get_args(EvalDataset)]

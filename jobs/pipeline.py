@@ -31,6 +31,7 @@ checkpoint).
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import concurrent.futures
 import dataclasses
@@ -54,7 +55,7 @@ from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.io import atomic_write
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
-from dqo_ray.plan import Plan, make_plan, model_shape, parse_cluster
+from dqo_ray.plan import CapacityWatch, Plan, make_plan, model_shape, parse_cluster
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import (
     ENGINE_LOG,
@@ -87,18 +88,16 @@ class Pipeline:
         self.store = TrajectoryStore(cfg.store)
         self.pool: GeneratorPool | None = None
         self.evaluations: dict[str, Any] = {}  # stage -> ObjectRef of the evaluator's work
+        self.evaluators_lost = 0
         self.overlap_notes: list[str] = []
 
     # -- stages ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        start = self.start_policy()
-        self.evaluator = start_evaluator(self.cfg, start, str(self.run_dir))
-        record_placement(self.run_dir, "evaluator", 0, ray.get(self.evaluator.where.remote()))
-        scored = {row.get("checkpoint") for row in read_results(self.run_dir)}
-        if (self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start")
-                and start not in scored):  # scored before a restart, not yet recorded
-            self.evaluations["evaluate/start"] = self.evaluator.evaluate.remote(start, 0, None)
+        start = self.start = self.start_policy()
+        self.start_evaluator()
+        if self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start"):
+            self.evaluations["evaluate/start"] = self.issue_evaluation("evaluate/start")
         plan = self.plan or plan_for_run(self.cfg)
         overlap = plan.overlap
         log.info("overlap %s (%s)%s", "on" if overlap else "off", plan.overlap_why,
@@ -197,16 +196,14 @@ class Pipeline:
             model=dataclasses.replace(cfg.model, value=value or cfg.model.value,
                                       reference=self.reference_policy(start)))
         offset = r * cfg.trainer.max_steps
-        # Waited for: the evaluator is a threaded actor, so calls are not run in order; the
-        # watch must be in place before the stop_watching sent after training.
-        ray.get(self.evaluator.watch.remote(str(round_dir), r, 1.0, offset))
+        self.watch(r)
         began = time.perf_counter()
         log.info("round %d: training %d steps from %s%s", r, cfg.trainer.max_steps, policy,
                  f" while round {r + 1} is sampled" if overlapping else "")
         result = train_on_store(round_cfg, policy, run_dir=str(round_dir))
         ended = time.perf_counter()
         self.evaluations[f"round{r}/evaluate"] = self.evaluator.stop_watching.remote(
-            str(round_dir))
+            str(round_dir))  # a lost evaluator is replaced when this is waited for
         if overlapping is not None:
             overlapping.result()  # the sampled round must be complete before it is trained on
             self.note_overlap(r, began, ended)
@@ -223,20 +220,65 @@ class Pipeline:
         from scoring a checkpoint twice)."""
         stage = f"round{r}/evaluate"
         if stage not in self.evaluations and not self.state.finished(stage):
-            round_dir = str(self.run_dir / f"round{r}")
-            ray.get(self.evaluator.watch.remote(round_dir, r, 1.0,
-                                                r * self.cfg.trainer.max_steps))
-            self.evaluations[stage] = self.evaluator.stop_watching.remote(round_dir)
+            self.evaluations[stage] = self.issue_evaluation(stage)
 
     def finish(self) -> None:
         self.release_pool()
         began = time.perf_counter()
-        for stage, ref in self.evaluations.items():
+        for stage in self.evaluations:
             log.info("waiting for the evaluator: %s", stage)
-            ray.get(ref)
+            while True:
+                try:
+                    ray.get(self.evaluations[stage])
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    self.replace_evaluator(exc)
             self.state.finish(stage, time.perf_counter() - began)
         write_pipeline_summary(self.run_dir, self.state, self.overlap_notes)
         write_report(self.run_dir, title=f"DQO pipeline: {self.cfg.run.name}")
+
+    # -- the evaluator: one actor, replaced when it (or its node) is lost ----------------------
+
+    def start_evaluator(self) -> None:
+        self.evaluator = start_evaluator(self.cfg, self.start, str(self.run_dir))
+        record_placement(self.run_dir, "evaluator", self.evaluators_lost,
+                         ray.get(self.evaluator.where.remote()))
+
+    def watch(self, r: int) -> None:
+        """Has the evaluator follow round r's checkpoints as they are written. Waited for: the
+        evaluator is a threaded actor, so calls are not run in order, and the watch must be in
+        place before the stop_watching sent after training."""
+        round_dir = str(self.run_dir / f"round{r}")
+        try:
+            ray.get(self.evaluator.watch.remote(round_dir, r, 1.0, r * self.cfg.trainer.max_steps))
+        except ray.exceptions.RayActorError as exc:
+            self.replace_evaluator(exc)
+            self.watch(r)
+
+    def issue_evaluation(self, stage: str) -> Any:
+        """The evaluator's work for a stage whose checkpoints all exist: the start policy, or
+        every checkpoint of a trained round (results.jsonl keeps any from being scored twice)."""
+        if stage == "evaluate/start":
+            if any(row.get("checkpoint") == self.start for row in read_results(self.run_dir)):
+                return ray.put([])  # scored before a restart or a lost evaluator
+            return self.evaluator.evaluate.remote(self.start, 0, None)
+        r = int(stage.removeprefix("round").split("/")[0])
+        self.watch(r)
+        return self.evaluator.stop_watching.remote(str(self.run_dir / f"round{r}"))
+
+    def replace_evaluator(self, exc: Exception) -> None:
+        """A new evaluator (on any node with room) that redoes the unfinished evaluations."""
+        self.evaluators_lost += 1
+        if self.evaluators_lost > self.cfg.eval.max_restarts:
+            raise RuntimeError(f"the evaluator was lost {self.evaluators_lost} times, more "
+                               f"than eval.max_restarts={self.cfg.eval.max_restarts} (last: "
+                               f"{type(exc).__name__}: {exc})") from exc
+        pending = [stage for stage in self.evaluations if not self.state.finished(stage)]
+        log.warning("evaluator lost (%s, its node may be gone): starting a new one; it redoes "
+                    "%s", type(exc).__name__, ", ".join(pending) or "nothing yet")
+        self.start_evaluator()
+        for stage in pending:
+            self.evaluations[stage] = self.issue_evaluation(stage)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -351,11 +393,22 @@ def main(argv: list[str] | None = None) -> int:
     if state.attempt:
         log.info("resuming %s (start %d): finished stages %s", state.path, state.attempt,
                  ", ".join(state.stages) or "none")
+    # A node lost mid-run (spot preemption) can leave too little for Ray to schedule the next
+    # role: it would wait silently. The watch says so, and stops the run if asked to.
+    watch = CapacityWatch(cfg, plan, running_cluster, _thread.interrupt_main)
+    watch.start()
     try:
         Pipeline(cfg, state, plan).run()
     except StoreError as exc:  # damaged data: named, with what to do; re-running resumes
         print(exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if watch.failure is None:
+            raise
+        print(watch.failure, file=sys.stderr)
+        return 1
+    finally:
+        watch.stop()
     results = read_results(cfg.run.run_dir)
     print(round_table(results))
     print(f"run folder: {Path(cfg.run.run_dir).absolute()} (report.md, accuracy.png, "

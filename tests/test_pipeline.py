@@ -109,14 +109,16 @@ def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _submit(address: str, job_id: str, out: Path) -> None:
+def _submit(address: str, job_id: str, out: Path, *overrides: str) -> None:
+    """`ray job submit` of the ci-small pipeline writing under `out`, with `overrides`."""
     deadline = time.monotonic() + 120
+    sets = [a for o in [f"run.output_dir={out}", f"data.store={out}/store", *overrides]
+            for a in ("--set", o)]
     while True:
         result = _ray("job", "submit", "--address", address, "--submission-id", job_id,
                       "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".",
                       "--no-wait", "--", "python", "-m", "jobs.pipeline", "--config",
-                      "configs/ci-small.yaml", "--set", f"run.output_dir={out}",
-                      "--set", f"data.store={out}/store")
+                      "configs/ci-small.yaml", *sets)
         # A node's job agent comes up a little after `ray start` returns.
         if "No available agent" not in result.stderr or time.monotonic() > deadline:
             break

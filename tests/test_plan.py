@@ -14,6 +14,7 @@ from conftest import REPO
 from dqo_ray.config import ConfigError, load_config
 from dqo_ray.plan import (
     Ask,
+    CapacityWatch,
     Cluster,
     Node,
     PlanError,
@@ -23,6 +24,7 @@ from dqo_ray.plan import (
     model_shape,
     parse_cluster,
     place,
+    shortfall,
 )
 
 QWEN = "Qwen/Qwen2.5-1.5B-Instruct"  # sized from the table of known models: no download
@@ -405,3 +407,47 @@ def test_bare_on_and_off_in_yaml_are_the_overlap_modes(tmp_path):
         assert load_config(path).pipeline.overlap == word
     with pytest.raises(ConfigError, match="trainer.use_gpu: 'on' is not bool"):
         load_config(None, ["trainer.use_gpu='on'"])
+
+
+def test_capacity_watch_names_a_lost_node_waits_and_gives_up_after_resource_wait_s(caplog):
+    cfg = load_config("configs/gsm8k-qwen2.5-1.5b-2node.yaml", ["ray.resource_wait_s=100"])
+    plan = make_plan(cfg, parse_cluster("2x8xH100-80GB"), model_shape(cfg.model))
+    assert plan.ok
+    now = {"cluster": parse_cluster("2x8xH100-80GB")}
+    gave_up = []
+    watch = CapacityWatch(cfg, plan, lambda: now["cluster"], lambda: gave_up.append(True))
+    assert watch.check(0.0) is None  # both nodes there: nothing to say
+
+    now["cluster"] = parse_cluster("1x8xH100-80GB")  # a node preempted
+    first = watch.check(10.0)
+    assert first.startswith("waiting for resources (0s so far): ")
+    assert "1 node(s), 8 GPUs" in first and "giving up after 100s" in first
+    assert shortfall(cfg, plan, now["cluster"]) in first
+    assert [watch.check(t) for t in range(11, 20)] == [None] * 9  # then every tenth check
+    assert watch.check(20.0).startswith("waiting for resources (10s so far)")
+
+    now["cluster"] = parse_cluster("2x8xH100-80GB")  # the replacement node joined
+    assert watch.check(30.0).startswith("the cluster holds the run again: ")
+    now["cluster"] = parse_cluster("1x8xH100-80GB")
+    watch.check(40.0)
+    assert not gave_up and watch.failure is None
+    failure = watch.check(140.0)
+    assert gave_up == [True] and failure == watch.failure
+    assert failure.startswith("the cluster could not hold this run for 100s "
+                              "(ray.resource_wait_s=100): ")
+    assert failure.endswith("Re-submit the same command to resume.")
+
+
+def test_capacity_watch_sees_a_cpu_node_lost_from_the_local_test_cluster():
+    """ci-small on two 2-CPU Ray nodes (cluster/local_cluster.sh) needs 3.5 CPUs at once."""
+    def nodes(n: int) -> Cluster:
+        return cluster_from_ray_nodes([{"Alive": True, "NodeID": f"{c}" * 56,
+                                        "NodeManagerAddress": "127.0.0.1",
+                                        "Resources": {"CPU": 2.0}} for c in "ab"[:n]])
+
+    cfg = load_config(REPO / "configs" / "ci-small.yaml")
+    plan = make_plan(cfg, nodes(2), model_shape(cfg.model))
+    assert plan.ok and plan.overlap and shortfall(cfg, plan, nodes(2)) is None
+    assert shortfall(cfg, plan, nodes(1)) == "; ".join(
+        make_plan(cfg, nodes(1), model_shape(cfg.model)).problems)
+    assert "CPU" in shortfall(cfg, plan, nodes(1))

@@ -176,8 +176,11 @@ class EpochPlanner:
 def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mapping[int, float],
                   seed: int, world_size: int, pairs: bool = False,
                   run_rows: int | None = None, balanced: bool = False) -> Any:
-    """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs)."""
-    remote_cls = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlanner)
+    """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs).
+    If its node is lost, Ray restarts it elsewhere and retries the calls; it rebuilds any epoch
+    in the same order, and the trainers, restarted by Ray Train, ask for their splits again."""
+    remote_cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1,
+                            max_task_retries=-1)(EpochPlanner)
     return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs, run_rows,
                              balanced)
 

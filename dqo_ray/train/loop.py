@@ -188,7 +188,7 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
             step_metrics, tokens = _train_step(engines, micro_batches, acfg, io.device,
                                                train_policy, reference)
             if io.ledger is not None:
-                record = {"step": state.step + 1, "epoch": state.epoch}
+                record = {"step": state.step + 1, "epoch": state.epoch, "time": time.time()}
                 for key in ("positions", "order_key"):
                     record[key] = [v for m in micro_batches for v in m[key].tolist()]
                 append_jsonl(io.ledger / f"rank{io.rank}.jsonl", record)

@@ -1,0 +1,144 @@
+"""A whole worker node lost while the pipeline runs, as when a spot instance is preempted:
+`ray job submit` to a local cluster of a head and three worker nodes
+(cluster/local_cluster.sh), then `kill-node` (SIGKILL to a node's raylet and every process
+under it) once while round 0 is generating and once while round 1 is training. The job
+must still finish, with every prompt's samples stored exactly once and no row trained twice
+within an epoch; the test prints what was lost and re-done."""
+
+import json
+import re
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_pipeline import REPO, _env, _logs, _status, _submit, _wait
+from test_train_ray import assert_exact_epoch_accounting, final_history
+
+from dqo_ray.data.store import TrajectoryStore
+from dqo_ray.io import read_jsonl
+from dqo_ray.run_state import STATE_FILE
+
+SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
+# Its own ports and temp dir: never the two-node cluster of test_pipeline.py, nor the
+# session's Ray. The head holds no CPU, so all work is on worker nodes (which may be lost).
+CLUSTER_ENV = {"RAY_LOCAL_PORT": "6392", "RAY_LOCAL_DASHBOARD_PORT": "8277",
+               "RAY_LOCAL_TMP": "/tmp/ray_nl", "RAY_LOCAL_AGENT_PORT_BASE": "53300",
+               "RAY_LOCAL_HEAD_CPUS": "0",
+               # A lost node is declared dead after ~3 s of missed health checks, not ~30 s.
+               "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+               "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+PROMPTS, SAMPLES, STEPS = 64, 2, 12
+OVERRIDES = [f"task.limit={PROMPTS}", "generation.chunk_prompts=4",  # 16 chunks a round
+             f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=2", "trainer.ledger=true"]
+
+
+def _script(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([SCRIPT, *args], cwd=REPO, env={**_env(), **CLUSTER_ENV},
+                          check=True, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def three_worker_cluster():
+    out = _script("start", "3").stdout.split()
+    try:
+        yield out[-1]
+    finally:
+        subprocess.run([SCRIPT, "stop"], cwd=REPO, env={**_env(), **CLUSTER_ENV}, timeout=120)
+
+
+def _worker_node_of(pid: int) -> int:
+    """The local_worker_I marker of the raylet that `pid` (a Ray worker) runs under."""
+    while pid > 1:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        found = re.search(r"raylet.*local_worker_(\d+),", cmdline)
+        if found:
+            return int(found.group(1))
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    raise AssertionError("not under a worker node's raylet")
+
+
+def _placements(run: Path) -> list[dict]:
+    return [p for path in sorted(run.rglob("placement.jsonl")) for p in read_jsonl(path)]
+
+
+def _until(condition, what: str, job: str, address: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, \
+            f"{what}: not in {timeout}s; job log tail:\n{_logs(address, job)[-6000:]}"
+        assert _status(address, job) in ("PENDING", "RUNNING"), _logs(address, job)[-4000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+def test_pipeline_survives_losing_a_node_while_generating_and_one_while_training(
+        three_worker_cluster, tmp_path):
+    address, job, run = three_worker_cluster, "node-loss", tmp_path / "ci-small"
+    _submit(address, job, tmp_path, *OVERRIDES)
+
+    # (a) Round 0 is generating: lose the node of an engine (the evaluator's, if it shares one).
+    _until(lambda: "generation round 0:" in _logs(address, job), "round 0 sampling", job,
+           address)
+    placed = _placements(run)
+    evaluator = {_worker_node_of(p["pid"]) for p in placed if p["role"] == "evaluator"}
+    engines = [_worker_node_of(p["pid"]) for p in placed if p["role"] == "generator"]
+    lost_a = next((n for n in engines if n in evaluator), engines[0])
+    _script("kill-node", str(lost_a))
+    killed_a = time.time()
+
+    # (b) Round 1 is training and has committed a checkpoint (step 2: its folder appears when
+    # step 4's does): lose the trainer's node.
+    round1 = run / "round1"
+    _until(lambda: any(round1.glob("train/checkpoint-0000004")), "round 1's checkpoint 4",
+           job, address)
+    trainer = [p for p in read_jsonl(round1 / "placement.jsonl") if p["role"] == "train-worker"]
+    lost_b = _worker_node_of(trainer[-1]["pid"])
+    _script("kill-node", str(lost_b))
+    killed_b = time.time()
+
+    status = _wait(address, job, lambda s: s in ("SUCCEEDED", "FAILED"), 900)
+    log = _logs(address, job)
+    assert status == "SUCCEEDED", log[-6000:]
+
+    # Every prompt's samples exactly once, in both rounds.
+    store = TrajectoryStore(str(tmp_path / "store"))
+    assert store.rounds() == [0, 1]
+    for r in (0, 1):
+        rows = store.read_table(store.shards([r]), ["traj_id", "prompt_id"]).to_pydict()
+        assert len(rows["traj_id"]) == len(set(rows["traj_id"])) == PROMPTS * SAMPLES
+        assert set(Counter(rows["prompt_id"]).values()) == {SAMPLES}
+    # No row trained twice within an epoch; every step of both rounds trained.
+    for r in (0, 1):
+        assert_exact_epoch_accounting(run / f"round{r}" / "ledger", STEPS, world=1)
+    records = list(read_jsonl(round1 / "ledger" / "rank0.jsonl"))
+    redone = [rec for rec in records if rec["time"] > killed_b]
+    kept = final_history(round1 / "ledger")[0]
+    repeated = sorted({rec["step"] for rec in records if rec["time"] <= killed_b}
+                      & {rec["step"] for rec in redone})
+    # Ray Train restarted the trainer from its last committed checkpoint (step 2 or later).
+    resumed = [int(k) for k in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert resumed and resumed[-1] >= 2, log[-6000:]
+    assert min(rec["step"] for rec in redone) == resumed[-1] + 1, records
+    assert all(kept[rec["step"]] == rec for rec in redone)
+    # Each checkpoint was evaluated once, over the lost evaluator if there was one.
+    results = list(read_jsonl(run / "results.jsonl"))
+    assert {r["round"] for r in results} == {None, 0, 1}
+    scored = [r["checkpoint"] for r in results]
+    assert len(scored) == len(set(scored))
+    stages = json.loads((run / STATE_FILE).read_text())["stages"]
+    assert all(stages[f"round{r}/evaluate"] for r in (0, 1))
+    replaced = [int(n) for n in re.findall(r"round 0 data: .*?actors replaced (\d+)", log)]
+    assert replaced and replaced[0] >= 1, log[-6000:]
+    evaluator_lost = lost_a in evaluator
+    assert ("evaluator lost" in log) == evaluator_lost
+
+    first_redo = min(rec["time"] for rec in redone)
+    step_s = (max(r["time"] for r in records) - first_redo) / max(len(redone) - 1, 1)
+    print(f"\nnode {lost_a} lost while generating round 0: {replaced[0]} engine(s) replaced, "
+          f"their chunks re-issued; evaluator {'re-created' if evaluator_lost else 'not there'}"
+          f"\nnode {lost_b} lost while training round 1: steps {repeated or 'none'} trained "
+          f"again (~{len(repeated) * step_s:.1f}s of training), training resumed "
+          f"{first_redo - killed_b:.0f}s after the loss; the whole job took "
+          f"{time.time() - killed_a:.0f}s after the first loss")
