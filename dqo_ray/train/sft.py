@@ -25,7 +25,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 import transformers
 
 from dqo_ray.models.loading import load_policy, load_tokenizer
+from dqo_ray.train.schedule import lr_at as schedule_lr_at
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +163,10 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
 
 
 def lr_at(step: int, settings: SFTSettings) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up over warmup_steps
-    (reaching lr at the last warm-up step), then constant or cosine from lr down to 0.1 * lr
-    at the final step."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    if settings.schedule == "constant":
-        return settings.lr
-    decay_steps = settings.steps - settings.warmup_steps - 1
-    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - settings.warmup_steps) / decay_steps)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant or
+    cosine from lr down to 0.1 * lr at the final step."""
+    return schedule_lr_at(step, settings.lr, settings.warmup_steps, settings.steps - 1,
+                          settings.schedule, min_lr_ratio=0.1)
 
 
 def example_order(n: int, seed: int) -> Iterator[int]:
