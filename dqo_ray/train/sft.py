@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from dqo_ray.algo.baselines import rft_loss
 from dqo_ray.models.loading import load_policy, load_tokenizer
 from dqo_ray.train.schedule import lr_at as schedule_lr_at
 
@@ -138,7 +139,8 @@ class SFTResult:
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
              loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions `loss_mask` marks.
+    """The RFT loss (`rft_loss`) with every row correct: mean next-token cross-entropy over
+    the positions `loss_mask` marks.
 
     Args:
         logits: [B, L, V] model outputs; logits[:, t] scores the token at t + 1.
@@ -151,15 +153,16 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
         Scalar float32: sum of -log p(target token) / number of target tokens in the batch
         (a token-level mean, so long targets weigh more than short ones).
     """
+    mask = loss_mask[:, 1:].bool()  # [B, L-1]
+    if not mask.any():
+        raise ValueError("sft_loss: loss_mask selects no predictable token")
     pred = logits[:, :-1].float()  # [B, L-1, V] scores for tokens 1..L-1
     targets = input_ids[:, 1:]  # [B, L-1]
-    mask = loss_mask[:, 1:].float()  # [B, L-1]
-    count = mask.sum()
-    if count == 0:
-        raise ValueError("sft_loss: loss_mask selects no predictable token")
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
-                          reduction="none").reshape(targets.shape)  # [B, L-1]
-    return (nll * mask).sum() / count
+    # cross_entropy, not token_logprobs: they round differently in the last bits, and the
+    # cached warm starts were trained with this one.
+    logprobs = -F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
+                                reduction="none").reshape(targets.shape)  # [B, L-1]
+    return rft_loss(logprobs, mask, correct=mask.new_ones(mask.shape[0])).loss
 
 
 def lr_at(step: int, settings: SFTSettings) -> float:
