@@ -385,9 +385,10 @@ class EvalConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised training on a limited set of gold worked solutions before round 0 (the
-    policy and pi_ref both start from its result). Fixed steps, seed and threads make it
-    reproducible; its result is cached by content (inputs + settings) under
-    pipeline.cache_dir, so a second run skips it."""
+    policy and pi_ref both start from its result; dqo_ray.train.sft). Fixed steps, seed
+    (run.seed) and threads make it reproducible; its result is cached by content (inputs +
+    settings) under pipeline.cache_dir, so a second run skips it. AdamW without weight decay,
+    the gradient norm clipped to 1."""
 
     enabled: bool = False
     split: str = "warm"
@@ -395,10 +396,15 @@ class WarmStartConfig:
     whose problems the RL rounds use with their final answers only)."""
     problems: int = field(default=500, metadata=_range(ge=1))
     steps: int = field(default=1000, metadata=_range(ge=1))
+    """Optimizer steps (may exceed one pass over the problems)."""
     batch_size: int = field(default=32, metadata=_range(ge=1))
     lr: float = field(default=3e-3, metadata=_range(gt=0))
+    """Peak learning rate: linear warm-up from lr / warmup_steps, then cosine decay to lr / 10
+    at the last step."""
     warmup_steps: int = field(default=50, metadata=_range(ge=0))
     threads: int = field(default=2, metadata=_range(ge=1))
+    """torch threads for the run, part of the result (float sums depend on how the work is
+    split)."""
     flip_subtractions: float = field(default=0.0, metadata=_range(ge=0, le=1))
     """tinymath only: the share of subtraction steps the gold solutions write as additions
     (`tasks.tinymath.flip_subtractions`), a documented annotation flaw that outcome rewards
@@ -656,6 +662,15 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     if hasattr(obj, "check") and len(problems) == section_start:
         problems.extend(obj.check())
     return obj
+
+
+def validate(section: Any, path: str) -> None:
+    """Checks a section built or changed in code (dataclasses.replace skips the checks that
+    loading runs) by the same rules; raises ConfigError naming `path`'s keys."""
+    problems: list[str] = []
+    _build(type(section), dataclasses.asdict(section), path, problems)
+    if problems:
+        raise ConfigError(problems)
 
 
 def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:

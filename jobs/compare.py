@@ -31,7 +31,7 @@ from dqo_ray.models import load_tokenizer
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import ENGINE_LOG, init_ray
 from dqo_ray.train.sft import supervised_finetune
-from dqo_ray.train.warm_start import cache_dir, warm_start_examples, warm_start_settings
+from dqo_ray.train.warm_start import cache_dir, warm_start_examples
 from jobs.pipeline import Pipeline, plan_for_run
 from jobs.preflight import check_run_inputs
 
@@ -66,13 +66,13 @@ def run_gold_control(cfg: Config, start: str) -> Path:
     tcfg = cfg.trainer
     steps = cfg.pipeline.rounds * tcfg.max_steps
     batch = tcfg.micro_batch_size * tcfg.grad_accum_steps * tcfg.num_workers
-    settings = dataclasses.replace(warm_start_settings(cfg, steps), batch_size=batch,
+    settings = dataclasses.replace(cfg.pipeline.warm_start, steps=steps, batch_size=batch,
                                    warmup_steps=0)
     examples = warm_start_examples(cfg, load_tokenizer(start))
     out = cache_dir(cfg) / f"gold-control-{Path(start).name}-{steps}x{batch}"
     log.info("== gold control: %d more supervised steps x batch %d on %d gold solutions",
              steps, batch, len(examples))
-    result = supervised_finetune(start, out, examples, settings)
+    result = supervised_finetune(start, out, examples, settings, cfg.run.seed)
     if not any(r.get("checkpoint") == str(out) for r in read_results(run_dir)):
         evaluator = start_evaluator(cfg, start, str(run_dir))
         ray.get(evaluator.evaluate.remote(start, 0, None))

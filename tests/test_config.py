@@ -13,6 +13,7 @@ from dqo_ray.config import (
     from_dict,
     load_config,
     save_resolved,
+    validate,
 )
 
 
@@ -88,6 +89,18 @@ def test_bad_values_name_key_value_and_what_is_allowed(raw, message):
 def test_all_problems_reported_at_once():
     problems = problems_of({"trainer": {"zero_stage": 9, "max_steps": -1}, "algo": {"lam": 2}})
     assert len(problems) == 3
+
+
+def test_a_section_changed_in_code_is_checked_by_the_same_rules():
+    section = Config().pipeline.warm_start
+    validate(section, "pipeline.warm_start")
+    with pytest.raises(ConfigError) as info:
+        validate(dataclasses.replace(section, steps=0, flip_subtractions=2.0),
+                 "pipeline.warm_start")
+    assert info.value.problems == ["pipeline.warm_start.steps: 0 must be >= 1",
+                                   "pipeline.warm_start.flip_subtractions: 2.0 must be <= 1"]
+    with pytest.raises(ConfigError, match="trainer.zero_stage: 5 is not one of"):
+        validate(dataclasses.replace(Config().trainer, zero_stage=5), "trainer")
 
 
 def test_float_fields_accept_yaml_scientific_strings_and_ints():

@@ -110,7 +110,7 @@ def vllm_engine(checkpoints):
     pytest.importorskip("vllm")
     set_num_threads = torch.set_num_threads
     records = _Records()
-    logger = logging.getLogger("actors.engines.base")
+    logger = logging.getLogger("actors.engines.factory")
     old_level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(records)
@@ -230,8 +230,8 @@ def test_make_engine_bad_kind(checkpoints):
 
 
 def test_make_engine_auto_falls_back_to_hf(checkpoints, monkeypatch, caplog):
-    monkeypatch.setattr("actors.engines.base.vllm_importable", lambda: False)
-    with caplog.at_level(logging.INFO, logger="actors.engines.base"):
+    monkeypatch.setattr("actors.engines.factory.vllm_importable", lambda: False)
+    with caplog.at_level(logging.INFO, logger="actors.engines.factory"):
         engine = make_engine("auto", str(checkpoints["old"]))
     assert engine.name == "hf"
     assert "generation engine: hf (vllm does not import" in caplog.text

@@ -340,7 +340,7 @@ def test_generator_refresh_from_a_checkpoint_it_cannot_see(tmp_path, tiny_checkp
 
 def test_generation_engine_choice():
     from actors.engines import EngineUnavailable
-    from actors.engines.base import choose_engine
+    from actors.engines.factory import choose_engine
 
     err = "ModuleNotFoundError(\"No module named 'vllm'\")"
     assert choose_engine("auto", True, None) == ("vllm", "vllm imports")
@@ -357,10 +357,10 @@ def test_make_engine_auto_on_cuda_without_vllm_is_an_error(tiny_checkpoint, monk
                                                            caplog):
     from actors.engines import EngineUnavailable
 
-    monkeypatch.setattr("actors.engines.base.vllm_importable", lambda: False)
+    monkeypatch.setattr("actors.engines.factory.vllm_importable", lambda: False)
     with pytest.raises(EngineUnavailable, match="vLLM does not import on this CUDA machine"):
         make_engine("auto", str(tiny_checkpoint), cuda=True)
-    with caplog.at_level(logging.WARNING, logger="actors.engines.base"):
+    with caplog.at_level(logging.WARNING, logger="actors.engines.factory"):
         assert make_engine("auto", str(tiny_checkpoint), cuda=False).name == "hf"
     assert "generation engine: hf (vllm does not import" in caplog.text
     assert "the slow fallback" in caplog.text

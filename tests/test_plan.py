@@ -362,7 +362,7 @@ def test_vllm_memory_settings_reach_llm_arguments():
 def test_engines_and_evaluator_get_the_vllm_memory_settings(tmp_path, tiny_checkpoint,
                                                            monkeypatch):
     from actors import evaluator, generator
-    from actors.engines import base, vllm_engine
+    from actors.engines import factory, vllm_engine
 
     made = []
     monkeypatch.setattr(generator, "make_engine", lambda kind, path, **kw: made.append(kw))
@@ -383,9 +383,9 @@ def test_engines_and_evaluator_get_the_vllm_memory_settings(tmp_path, tiny_check
         raise Captured(json.dumps({k: kwargs[k] for k in want}))
 
     monkeypatch.setattr(vllm_engine, "VLLMEngine", fake_vllm)
-    monkeypatch.setattr(base, "vllm_importable", lambda: True)
+    monkeypatch.setattr(factory, "vllm_importable", lambda: True)
     with pytest.raises(Captured) as info:  # make_engine hands them to the vLLM engine
-        base.make_engine("vllm", str(tiny_checkpoint), cuda=False, **want)
+        factory.make_engine("vllm", str(tiny_checkpoint), cuda=False, **want)
     assert json.loads(str(info.value)) == want
 
 

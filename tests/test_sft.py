@@ -12,20 +12,19 @@ import torch
 from conftest import TINY_WORDS
 from safetensors.torch import load_file
 
+from dqo_ray.config import ConfigError, WarmStartConfig
 from dqo_ray.models import load_policy, load_tokenizer
 from dqo_ray.train import sft
 from dqo_ray.train.sft import (
     SFTExample,
-    SFTSettings,
     collate,
     example_order,
-    lr_at,
     sft_cache_key,
     sft_loss,
     supervised_finetune,
 )
 
-QUICK = SFTSettings(steps=4, batch_size=4, lr=3e-3, threads=1, log_every=2)
+QUICK = WarmStartConfig(steps=4, batch_size=4, lr=3e-3, warmup_steps=0, threads=1)
 
 
 def memorization_set(tokenizer) -> list[SFTExample]:
@@ -47,12 +46,13 @@ def examples(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def memorized(tiny_checkpoint, examples, tmp_path_factory):
     """One 100-step run on the memorization set (about a second), shared by several tests."""
-    settings = SFTSettings(steps=100, batch_size=8, lr=3e-3, warmup_steps=5, threads=1,
-                           log_every=25)
+    settings = WarmStartConfig(steps=100, batch_size=8, lr=3e-3, warmup_steps=5, threads=1)
     out = tmp_path_factory.mktemp("sft") / "policy"
     calls = []
-    result = supervised_finetune(tiny_checkpoint, out, examples, settings,
-                                 progress=lambda step, loss: calls.append((step, loss)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sft, "LOG_EVERY", 25)
+        result = supervised_finetune(tiny_checkpoint, out, examples, settings, 0,
+                                     progress=lambda step, loss: calls.append((step, loss)))
     return result, settings, calls
 
 
@@ -91,6 +91,28 @@ def test_sft_loss_is_masked_cross_entropy():
     assert sft_loss(logits, other, mask).item() == loss.item()
 
 
+def test_sft_loss_is_the_former_masked_cross_entropy_bit_for_bit():
+    """sft_loss goes through rft_loss; its value and gradient stay those of the former
+    direct formula, to the last bit (cached warm starts were trained with it)."""
+    gen = torch.Generator().manual_seed(1)
+    for B, L, V in ((3, 7, 11), (8, 40, 300)):
+        logits = torch.randn(B, L, V, generator=gen) * 3
+        ids = torch.randint(0, V, (B, L), generator=gen)
+        mask = torch.rand(B, L, generator=gen) < 0.6
+        mask[0, 1] = True
+        new = logits.clone().requires_grad_()
+        loss = sft_loss(new, ids, mask)
+        loss.backward()
+        old = logits.clone().requires_grad_()
+        pred, weight = old[:, :-1].float(), mask[:, 1:].float()
+        nll = torch.nn.functional.cross_entropy(pred.reshape(-1, V), ids[:, 1:].reshape(-1),
+                                                reduction="none").reshape(B, L - 1)
+        before = (nll * weight).sum() / weight.sum()
+        before.backward()
+        assert torch.equal(loss, before)
+        assert torch.equal(new.grad, old.grad)
+
+
 def test_sft_loss_rejects_an_empty_mask():
     with pytest.raises(ValueError, match="no predictable token"):
         sft_loss(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long),
@@ -102,18 +124,6 @@ def test_collate_right_pads_and_masks_targets():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 3], [5, 8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["loss_mask"].tolist() == [[False, False, True, True], [False, True, False, False]]
-
-
-def test_lr_schedule_warms_up_then_decays_to_ten_percent():
-    s = SFTSettings(steps=20, batch_size=1, lr=1.0, warmup_steps=4)
-    lrs = [lr_at(i, s) for i in range(s.steps)]
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[4] == pytest.approx(1.0)
-    assert lrs[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
-    constant = replace(s, schedule="constant")
-    assert [lr_at(i, constant) for i in range(4, 20)] == [1.0] * 16
-    assert lr_at(0, SFTSettings(steps=1, batch_size=1, lr=2.0)) == pytest.approx(0.2)
 
 
 def test_example_order_is_seeded_epochs_of_permutations():
@@ -155,7 +165,7 @@ def test_output_folder_is_a_complete_checkpoint(memorized, tiny_checkpoint, exam
     assert ((out / "generation_config.json").read_bytes()
             == (tiny_checkpoint / "generation_config.json").read_bytes())
     meta = json.loads((out / "sft.json").read_text())
-    assert meta["cache_key"] == sft_cache_key(tiny_checkpoint, examples, settings)
+    assert meta["cache_key"] == sft_cache_key(tiny_checkpoint, examples, settings, 0)
     assert meta["losses"] == result.losses
     assert meta["final_loss"] == result.losses[-1]
     assert meta["settings"]["steps"] == settings.steps
@@ -173,8 +183,9 @@ def test_second_call_reuses_the_finished_run(memorized, tiny_checkpoint, example
 
     monkeypatch.setattr(sft, "_train", no_training)
     monkeypatch.setattr(sft, "load_policy", no_training)
-    # log_every only changes logging: still the same run
-    again = supervised_finetune(tiny_checkpoint, out, examples, replace(settings, log_every=7))
+    # logging only changes logging: still the same run
+    monkeypatch.setattr(sft, "LOG_EVERY", 7)
+    again = supervised_finetune(tiny_checkpoint, out, examples, settings, 0)
     assert again.cached
     assert again.checkpoint == result.checkpoint
     assert again.losses == result.losses
@@ -185,26 +196,28 @@ def test_changed_inputs_are_refused_not_reused(memorized, tiny_checkpoint, examp
     result, settings, _ = memorized
     with pytest.raises(ValueError, match="inputs changed") as err:
         supervised_finetune(tiny_checkpoint, result.checkpoint, examples,
-                            replace(settings, steps=settings.steps + 1))
+                            replace(settings, steps=settings.steps + 1), 0)
     assert result.checkpoint in str(err.value)
 
 
-def test_two_runs_are_bitwise_identical(tiny_checkpoint, examples, tmp_path, caplog):
+def test_two_runs_are_bitwise_identical(tiny_checkpoint, examples, tmp_path, caplog,
+                                        monkeypatch):
     # The caller's thread count and RNG stream are left as they were. (The count is not set
     # here: once vLLM has run in this process, it turns torch.set_num_threads into a no-op.)
     threads_before = torch.get_num_threads()
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
+    monkeypatch.setattr(sft, "LOG_EVERY", 2)
     with caplog.at_level(logging.INFO, logger="dqo_ray.train.sft"):
-        a = supervised_finetune(tiny_checkpoint, tmp_path / "a", examples, QUICK)
+        a = supervised_finetune(tiny_checkpoint, tmp_path / "a", examples, QUICK, 0)
     assert torch.get_num_threads() == threads_before
     assert torch.equal(torch.get_rng_state(), rng_before)
     steps = [r.getMessage() for r in caplog.records if "sft step" in r.getMessage()]
     assert [m.split()[2] for m in steps] == ["2/4", "4/4"]
     assert all("tok/s" in m and "eta" in m for m in steps)
 
-    b = supervised_finetune(tiny_checkpoint, tmp_path / "b", examples, QUICK)
-    supervised_finetune(tiny_checkpoint, tmp_path / "c", examples, replace(QUICK, seed=1))
+    b = supervised_finetune(tiny_checkpoint, tmp_path / "b", examples, QUICK, 0)
+    supervised_finetune(tiny_checkpoint, tmp_path / "c", examples, QUICK, 1)
     assert not (a.cached or b.cached)
     assert a.losses == b.losses
     wa, wb, wc = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
@@ -214,30 +227,38 @@ def test_two_runs_are_bitwise_identical(tiny_checkpoint, examples, tmp_path, cap
 
 
 def test_cache_key_covers_policy_examples_and_settings(tiny_checkpoint, examples, tmp_path):
-    key = sft_cache_key(tiny_checkpoint, examples, QUICK)
-    assert len(key) == 64 and key == sft_cache_key(tiny_checkpoint, list(examples), QUICK)
-    # The folder's location and logging do not matter ...
+    key = sft_cache_key(tiny_checkpoint, examples, QUICK, 0)
+    assert len(key) == 64 and key == sft_cache_key(tiny_checkpoint, list(examples), QUICK, 0)
+    # The folder's location and the settings that only choose the examples do not matter ...
     moved = shutil.copytree(tiny_checkpoint, tmp_path / "moved")
-    assert sft_cache_key(moved, examples, replace(QUICK, log_every=99)) == key
-    # ... the settings, examples, their order and the checkpoint's bytes do.
-    changed = [replace(QUICK, lr=1e-3), replace(QUICK, seed=1), replace(QUICK, steps=5),
-               replace(QUICK, threads=2), replace(QUICK, schedule="constant"),
-               replace(QUICK, warmup_steps=1), replace(QUICK, max_grad_norm=None)]
-    keys = {sft_cache_key(tiny_checkpoint, examples, s) for s in changed}
+    assert sft_cache_key(moved, examples, replace(QUICK, split="train", problems=7), 0) == key
+    # ... the training settings, seed, examples, their order and the checkpoint's bytes do.
+    changed = [(replace(QUICK, lr=1e-3), 0), (QUICK, 1), (replace(QUICK, steps=5), 0),
+               (replace(QUICK, threads=2), 0), (replace(QUICK, warmup_steps=1), 0),
+               (replace(QUICK, batch_size=3), 0)]
+    keys = {sft_cache_key(tiny_checkpoint, examples, s, seed) for s, seed in changed}
     assert len(keys) == len(changed) and key not in keys
     first = examples[0]
     for other in ([SFTExample(first.prompt_ids, first.target_ids[1:]), *examples[1:]],
                   [*examples[1:], first], examples[:-1]):
-        assert sft_cache_key(tiny_checkpoint, other, QUICK) != key
+        assert sft_cache_key(tiny_checkpoint, other, QUICK, 0) != key
     config = json.loads((moved / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5
     (moved / "config.json").write_text(json.dumps(config))
-    assert sft_cache_key(moved, examples, QUICK) != key
+    assert sft_cache_key(moved, examples, QUICK, 0) != key
     shutil.copy(tiny_checkpoint / "config.json", moved / "config.json")
     blob = bytearray((moved / "model.safetensors").read_bytes())
     blob[-1] ^= 1
     (moved / "model.safetensors").write_bytes(bytes(blob))
-    assert sft_cache_key(moved, examples, QUICK) != key
+    assert sft_cache_key(moved, examples, QUICK, 0) != key
+
+
+def test_cache_key_hashes_the_former_settings():
+    """The key hashes the settings under their former SFTSettings names, fixed choices
+    included, so warm starts cached before the settings moved into WarmStartConfig keep it."""
+    assert sft._key_settings(QUICK, 3) == dict(
+        steps=4, batch_size=4, lr=3e-3, seed=3, threads=1, warmup_steps=0, schedule="cosine",
+        weight_decay=0.0, max_grad_norm=1.0)
 
 
 def test_an_interrupted_write_is_not_taken_for_a_finished_run(tiny_checkpoint, examples,
@@ -250,7 +271,7 @@ def test_an_interrupted_write_is_not_taken_for_a_finished_run(tiny_checkpoint, e
     # Killed after the weights were written but before sft.json: nothing at out_dir, no debris.
     monkeypatch.setattr(sft, "_write_meta", crash)
     with pytest.raises(KeyboardInterrupt):
-        supervised_finetune(tiny_checkpoint, out, examples, QUICK)
+        supervised_finetune(tiny_checkpoint, out, examples, QUICK, 0)
     monkeypatch.undo()
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
@@ -258,45 +279,40 @@ def test_an_interrupted_write_is_not_taken_for_a_finished_run(tiny_checkpoint, e
     # A hard kill leaves a hidden temporary sibling, even one with an sft.json: never read.
     leftover = tmp_path / ".policy.sft-tmp-dead"
     shutil.copytree(tiny_checkpoint, leftover)
-    key = sft_cache_key(tiny_checkpoint, examples, QUICK)
+    key = sft_cache_key(tiny_checkpoint, examples, QUICK, 0)
     (leftover / "sft.json").write_text(json.dumps(dict(cache_key=key, losses=[0.0])))
-    result = supervised_finetune(tiny_checkpoint, out, examples, QUICK)
+    result = supervised_finetune(tiny_checkpoint, out, examples, QUICK, 0)
     assert not result.cached and len(result.losses) == QUICK.steps
     assert (out / "sft.json").is_file()
 
     # A checkpoint-looking out_dir without sft.json is refused, not reused or overwritten.
     foreign = shutil.copytree(tiny_checkpoint, tmp_path / "foreign")
     with pytest.raises(ValueError, match="not a finished SFT run"):
-        supervised_finetune(tiny_checkpoint, foreign, examples, QUICK)
+        supervised_finetune(tiny_checkpoint, foreign, examples, QUICK, 0)
     assert not (foreign / "sft.json").exists()
 
     # An empty out_dir (made ahead by a caller) is simply filled.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert not supervised_finetune(tiny_checkpoint, empty, examples, QUICK).cached
+    assert not supervised_finetune(tiny_checkpoint, empty, examples, QUICK, 0).cached
     assert (empty / "sft.json").is_file()
 
 
 def test_clear_errors(tiny_checkpoint, examples, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ValueError, match="no examples"):
-        supervised_finetune(tiny_checkpoint, out, [], QUICK)
+        supervised_finetune(tiny_checkpoint, out, [], QUICK, 0)
     with pytest.raises(ValueError, match="example 1 has an empty target_ids"):
-        supervised_finetune(tiny_checkpoint, out, [examples[0], SFTExample([5], [])], QUICK)
+        supervised_finetune(tiny_checkpoint, out, [examples[0], SFTExample([5], [])], QUICK,
+                            0)
     with pytest.raises(ValueError, match="example 0 has an empty prompt_ids"):
-        supervised_finetune(tiny_checkpoint, out, [SFTExample([], [5])], QUICK)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
-        SFTSettings(steps=0, batch_size=1, lr=1e-3)
-    with pytest.raises(ValueError, match="steps must be >= 1.*batch_size must be >= 1"):
-        SFTSettings(steps=0, batch_size=0, lr=1e-3)
-    with pytest.raises(ValueError, match="schedule must be"):
-        SFTSettings(steps=1, batch_size=1, lr=1e-3, schedule="linear")
-    mutated = replace(QUICK)
-    mutated.steps = 0  # SFTSettings is mutable: checked again at the call
-    with pytest.raises(ValueError, match="steps must be >= 1"):
-        supervised_finetune(tiny_checkpoint, out, examples, mutated)
+        supervised_finetune(tiny_checkpoint, out, [SFTExample([], [5])], QUICK, 0)
+    # Settings made in code are checked at the call by the config's own rules.
+    with pytest.raises(ConfigError, match=r"(?s)pipeline.warm_start.steps: 0 must be >= 1"
+                                          r".*pipeline.warm_start.lr: 0.0 must be > 0"):
+        supervised_finetune(tiny_checkpoint, out, examples, replace(QUICK, steps=0, lr=0), 0)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        supervised_finetune(tiny_checkpoint, out, [SFTExample([5], [10**6])], QUICK)
+        supervised_finetune(tiny_checkpoint, out, [SFTExample([5], [10**6])], QUICK, 0)
     with pytest.raises(ValueError, match="not an HF checkpoint folder"):
-        supervised_finetune(tmp_path, out, examples, QUICK)
+        supervised_finetune(tmp_path, out, examples, QUICK, 0)
     assert not out.exists()

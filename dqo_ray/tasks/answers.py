@@ -4,6 +4,7 @@ exact rationals. Pure and never raising on odd text (grading's contract)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from fractions import Fraction
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -68,23 +69,24 @@ def _to_fraction(match: re.Match[str]) -> Fraction | None:
     return -value if match.group("sign") else value
 
 
-def parse_number(text: str) -> Fraction | None:
-    """The first number in `text` as an exact rational ("1,080" -> 1080, "-$2.50" -> -5/2)."""
+def _numbers(text: str) -> Iterator[Fraction]:
+    """The numbers of `text` in order, as exact rationals (a match that does not parse, such
+    as a zero denominator, is skipped)."""
     for m in _NUMBER.finditer(text):
         value = _to_fraction(m)
         if value is not None:
-            return value
-    return None
+            yield value
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The first number in `text` as an exact rational ("1,080" -> 1080, "-$2.50" -> -5/2)."""
+    return next(_numbers(text), None)
 
 
 def last_number(text: str) -> Fraction | None:
     """The last number in `text`, as `parse_number` reads one."""
-    value = None
-    for m in _NUMBER.finditer(text):
-        parsed = _to_fraction(m)
-        if parsed is not None:
-            value = parsed
-    return value
+    values = list(_numbers(text))
+    return values[-1] if values else None
 
 
 def fraction_key(value: Fraction) -> str:

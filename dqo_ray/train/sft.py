@@ -3,11 +3,13 @@
 The demo's policy starts from supervised training on a small set of gold solutions, run to a
 plateau with fixed steps, seed and thread count so the result is reproducible bit for bit,
 and cached so a second run skips it. A control baseline continues the same training from that
-checkpoint for more steps. Both call `supervised_finetune`.
+checkpoint for more steps. Both call `supervised_finetune`, with the settings of
+`pipeline.warm_start` (`WarmStartConfig`) and the run's seed.
 
 One step: draw `batch_size` examples, build `prompt + target` rows right-padded with the
 tokenizer's pad id, run the model, and take the mean cross-entropy of the target tokens only
-(`sft_loss`); AdamW, gradient clipping, linear warm-up then cosine decay to 10% (`lr_at`).
+(`sft_loss`, the RFT loss); AdamW, gradient clipping, linear warm-up then cosine decay to 10%
+(`lr_at`, the trainer's schedule).
 
 Output folder (HF format, loadable with `load_policy` / `load_tokenizer`):
     config.json, model.safetensors, generation_config.json   the fine-tuned policy
@@ -25,21 +27,22 @@ import fnmatch
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import transformers
 
+from dqo_ray.algo.baselines import rft_loss
+from dqo_ray.config import WarmStartConfig, validate
 from dqo_ray.models.loading import load_policy, load_tokenizer
+from dqo_ray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,12 @@ _KEY_FILES = (
     "merges.txt",
 )
 _WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
+# Fixed choices (no caller ever changed them): cosine decay to 10% of lr at the last step,
+# global gradient norm clipped to 1, no weight decay.
+MIN_LR_RATIO = 0.1
+MAX_GRAD_NORM = 1.0
+# Steps between progress logs (does not change the result).
+LOG_EVERY = 50
 
 
 @dataclass(frozen=True)
@@ -69,55 +78,6 @@ class SFTExample:
 
     prompt_ids: list[int]
     target_ids: list[int]
-
-
-@dataclass
-class SFTSettings:
-    """steps: optimizer steps (may exceed one pass over the examples); batch_size: examples
-    per step; lr: peak learning rate; threads: torch intra-op threads for the run (part of the
-    result: float sums depend on how work is split); warmup_steps: linear warm-up from
-    lr/warmup_steps to lr; schedule: "cosine" decays to 10% of lr at the last step,
-    "constant" stays at lr; weight_decay: AdamW decay on matrices (not norms or biases);
-    max_grad_norm: clip the global gradient norm (None: no clipping); log_every: steps
-    between progress logs (does not change the result)."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    seed: int = 0
-    threads: int = 2
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raises ValueError listing every bad field."""
-        errors = []
-        if self.steps < 1:
-            errors.append(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            errors.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            errors.append(f"lr must be > 0, got {self.lr}")
-        if self.threads < 1:
-            errors.append(f"threads must be >= 1, got {self.threads}")
-        if self.warmup_steps < 0:
-            errors.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in ("constant", "cosine"):
-            errors.append(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.weight_decay < 0:
-            errors.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            errors.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.log_every < 1:
-            errors.append(f"log_every must be >= 1, got {self.log_every}")
-        if errors:
-            raise ValueError("SFTSettings: " + "; ".join(errors))
 
 
 @dataclass
@@ -138,7 +98,8 @@ class SFTResult:
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
              loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions `loss_mask` marks.
+    """The RFT loss (`rft_loss`) with every row correct: mean next-token cross-entropy over
+    the positions `loss_mask` marks.
 
     Args:
         logits: [B, L, V] model outputs; logits[:, t] scores the token at t + 1.
@@ -151,28 +112,16 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
         Scalar float32: sum of -log p(target token) / number of target tokens in the batch
         (a token-level mean, so long targets weigh more than short ones).
     """
+    mask = loss_mask[:, 1:].bool()  # [B, L-1]
+    if not mask.any():
+        raise ValueError("sft_loss: loss_mask selects no predictable token")
     pred = logits[:, :-1].float()  # [B, L-1, V] scores for tokens 1..L-1
     targets = input_ids[:, 1:]  # [B, L-1]
-    mask = loss_mask[:, 1:].float()  # [B, L-1]
-    count = mask.sum()
-    if count == 0:
-        raise ValueError("sft_loss: loss_mask selects no predictable token")
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
-                          reduction="none").reshape(targets.shape)  # [B, L-1]
-    return (nll * mask).sum() / count
-
-
-def lr_at(step: int, settings: SFTSettings) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up over warmup_steps
-    (reaching lr at the last warm-up step), then constant or cosine from lr down to 0.1 * lr
-    at the final step."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    if settings.schedule == "constant":
-        return settings.lr
-    decay_steps = settings.steps - settings.warmup_steps - 1
-    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - settings.warmup_steps) / decay_steps)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    # cross_entropy, not token_logprobs: they round differently in the last bits, and the
+    # cached warm starts were trained with this one.
+    logprobs = -F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1),
+                                reduction="none").reshape(targets.shape)  # [B, L-1]
+    return rft_loss(logprobs, mask, correct=mask.new_ones(mask.shape[0])).loss
 
 
 def example_order(n: int, seed: int) -> Iterator[int]:
@@ -234,21 +183,23 @@ def _policy_files(policy_path: str | os.PathLike) -> list[Path]:
     return [folder / n for n in names if any(fnmatch.fnmatch(n, pat) for pat in _KEY_FILES)]
 
 
-def _key_settings(settings: SFTSettings) -> dict:
-    """The settings that change the weights (log_every only changes logging)."""
-    fields = asdict(settings)
-    fields.pop("log_every")
-    return fields
+def _key_settings(settings: WarmStartConfig, seed: int) -> dict:
+    """The settings that change the weights. The fixed choices keep their entries (they were
+    settings once) so that the warm starts cached before keep their keys."""
+    return dict(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
+                threads=settings.threads, warmup_steps=settings.warmup_steps, schedule="cosine",
+                weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM)
 
 
 def sft_cache_key(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
-                  settings: SFTSettings) -> str:
+                  settings: WarmStartConfig, seed: int) -> str:
     """Hex SHA-256 of everything that determines the fine-tuned weights: the input
     checkpoint's config, weight and tokenizer files (their bytes, by content; not the folder's
-    path), the examples in order, the settings except log_every, and SFT_FORMAT.
+    path), the examples in order, the training settings and seed (not split, problems or the
+    annotation flaws: the examples carry them), and SFT_FORMAT.
     Library versions are left out (recorded in sft.json instead): an upgrade of torch may
     change the last bits but should not make every cached warm start unusable."""
-    settings.validate()
+    validate(settings, "pipeline.warm_start")
     _check_examples(examples)
     files = {p.name: _sha256_file(p) for p in _policy_files(policy_path)}
     ex_digest = hashlib.sha256()
@@ -257,7 +208,7 @@ def sft_cache_key(policy_path: str | os.PathLike, examples: Sequence[SFTExample]
                                      list(map(int, e.target_ids))]).encode())
         ex_digest.update(b"\n")
     payload = dict(format=SFT_FORMAT, policy_files=files, examples=ex_digest.hexdigest(),
-                   n_examples=len(examples), settings=_key_settings(settings))
+                   n_examples=len(examples), settings=_key_settings(settings, seed))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -305,24 +256,17 @@ def _check_fits(examples: Sequence[SFTExample], config) -> None:
                              f"max_position_embeddings={max_len}")
 
 
-def _optimizer(model: torch.nn.Module, settings: SFTSettings) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (embeddings, projections), not norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=settings.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
-
-
 def _train(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
-           settings: SFTSettings, progress: Callable[[int, float], None] | None):
+           settings: WarmStartConfig, seed: int,
+           progress: Callable[[int, float], None] | None):
     """Runs the steps under the caller's seed/thread set-up; returns (model, tokenizer,
-    losses, target tokens per pass)."""
+    losses)."""
     tokenizer = load_tokenizer(policy_path)
     model = load_policy(policy_path, dtype=torch.float32)
     _check_fits(examples, model.config)
     model.train()
-    opt = _optimizer(model, settings)
-    order = example_order(len(examples), settings.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    order = example_order(len(examples), seed)
     losses: list[float] = []
     window: list[float] = []
     tokens = 0
@@ -331,21 +275,21 @@ def _train(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
         batch = collate([examples[next(order)] for _ in range(settings.batch_size)],
                         tokenizer.pad_token_id)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings)
+            group["lr"] = lr_at(step, settings.lr, settings.warmup_steps, settings.steps - 1,
+                                min_lr_ratio=MIN_LR_RATIO)
         # Right padding: real tokens keep positions 0..n-1 and never attend to the padding.
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits  # [B, L, V]
         loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
         losses.append(loss.item())
         window.append(losses[-1])
         tokens += int(batch["attention_mask"].sum())
         done = step + 1
-        if done % settings.log_every == 0 or done == settings.steps:
+        if done % LOG_EVERY == 0 or done == settings.steps:
             elapsed = time.perf_counter() - start
             mean = sum(window) / len(window)
             log.info("sft step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", done, settings.steps,
@@ -381,12 +325,12 @@ def _summary(losses: list[float]) -> dict:
 
 
 def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLike,
-                        examples: Sequence[SFTExample], settings: SFTSettings,
+                        examples: Sequence[SFTExample], settings: WarmStartConfig, seed: int,
                         progress: Callable[[int, float], None] | None = None) -> SFTResult:
     """Fine-tunes the HF checkpoint at `policy_path` on `examples` and writes it to `out_dir`.
 
     Reproducible: the same inputs (see `sft_cache_key`) give bitwise-identical weights on the
-    same machine and library versions. The run seeds torch with settings.seed (inside
+    same machine and library versions. The run seeds torch with `seed` (inside
     `torch.random.fork_rng`, so the caller's RNG state is untouched), uses settings.threads
     threads (the previous count is restored after) and draws examples from `example_order`.
 
@@ -400,12 +344,12 @@ def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLi
     without sft.json (not written by this function, which renames only finished folders into
     place) is refused the same way; an empty one is used.
 
-    `progress(step, loss)` is called at each log point (every settings.log_every steps and at
+    `progress(step, loss)` is called at each log point (every LOG_EVERY steps and at
     the last step) with the mean loss since the previous one, as logged.
     """
     start = time.perf_counter()
     examples = list(examples)
-    key = sft_cache_key(policy_path, examples, settings)  # validates settings and examples
+    key = sft_cache_key(policy_path, examples, settings, seed)  # validates both
     out = Path(out_dir)
     cached = _read_finished(out, key)
     if cached is not None:
@@ -418,8 +362,8 @@ def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLi
     torch.set_num_threads(settings.threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            model, tokenizer, losses = _train(policy_path, examples, settings, progress)
+            torch.manual_seed(seed)
+            model, tokenizer, losses = _train(policy_path, examples, settings, seed, progress)
     finally:
         torch.set_num_threads(previous_threads)
     seconds = time.perf_counter() - start
@@ -429,8 +373,8 @@ def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLi
     try:
         _write_checkpoint(model, tokenizer, policy_path, tmp)
         _write_meta(tmp, dict(
-            cache_key=key, format=SFT_FORMAT, source=str(policy_path), settings=asdict(settings),
-            n_examples=len(examples),
+            cache_key=key, format=SFT_FORMAT, source=str(policy_path),
+            settings=_key_settings(settings, seed), n_examples=len(examples),
             target_tokens=sum(len(e.target_ids) for e in examples),
             final_loss=losses[-1], summary=_summary(losses), losses=losses, seconds=seconds,
             versions=dict(torch=torch.__version__,

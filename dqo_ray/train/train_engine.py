@@ -13,7 +13,6 @@ fp32 parameters and AdamW state, bf16 autocast forward).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from dqo_ray.config import TrainerConfig
 from dqo_ray.device import EngineUnavailable, choose_device
+from dqo_ray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,6 @@ class TrainEngine(Protocol):
     def save(self, path: str | os.PathLike) -> None: ...  # collective: every rank calls
     def load(self, path: str | os.PathLike) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...  # collective; rank 0 gets it
-
-
-def lr_multiplier(step: int, cfg: TrainerConfig) -> float:
-    """Linear warm-up over warmup_steps, then constant / linear / cosine decay to 0 at max_steps."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(progress, 1.0)
-    if cfg.lr_schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def import_deepspeed(cuda: bool) -> Any:
@@ -101,7 +88,10 @@ def resolve_engine_kind(kind: str, cuda: bool = False) -> str:
 
 def _optimizer_and_schedule(model: nn.Module, lr: float, cfg: TrainerConfig):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
+    # lr=1.0: the multiplier of `lr`; cfg.max_steps is one past the last step, which keeps a
+    # little learning rate.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        s, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
     return optimizer, schedule
 
 

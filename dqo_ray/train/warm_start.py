@@ -17,7 +17,7 @@ from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems, render_solution
 from dqo_ray.tasks.items import prompt_items
 from dqo_ray.tasks.tinymath import drop_answer_line, flip_subtractions
-from dqo_ray.train.sft import SFTExample, SFTSettings, sft_cache_key, supervised_finetune
+from dqo_ray.train.sft import SFTExample, sft_cache_key, supervised_finetune
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -42,21 +42,14 @@ def warm_start_examples(cfg: Config, tokenizer: Any) -> list[SFTExample]:
     return examples
 
 
-def warm_start_settings(cfg: Config, steps: int | None = None) -> SFTSettings:
-    ws = cfg.pipeline.warm_start
-    return SFTSettings(steps=steps or ws.steps, batch_size=ws.batch_size, lr=ws.lr,
-                       seed=cfg.run.seed, threads=ws.threads, warmup_steps=ws.warmup_steps)
-
-
-def warm_start(cfg: Config, base: str, steps: int | None = None) -> dict[str, Any]:
+def warm_start(cfg: Config, base: str) -> dict[str, Any]:
     """Fine-tunes `base` on the warm-start split's gold solutions (cached); returns what the
-    pipeline records: the policy folder, the loss at the start and end, and cache use.
-    `steps` overrides warm_start.steps (the gold-continuation control trains longer)."""
+    pipeline records: the policy folder, the loss at the start and end, and cache use."""
     examples = warm_start_examples(cfg, load_tokenizer(base))
-    settings = warm_start_settings(cfg, steps)
-    key = sft_cache_key(base, examples, settings)
+    settings = cfg.pipeline.warm_start
+    key = sft_cache_key(base, examples, settings, cfg.run.seed)
     out = cache_dir(cfg) / f"warm-start-{key[:16]}"
-    result = supervised_finetune(base, out, examples, settings)
+    result = supervised_finetune(base, out, examples, settings, cfg.run.seed)
     return {"policy": str(out), "examples": len(examples), "steps": settings.steps,
             "first_loss": result.losses[0], "final_loss": result.losses[-1],
             "cached": result.cached}
