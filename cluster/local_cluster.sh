@@ -7,7 +7,8 @@
 #                                                   spot instance is preempted (SIGKILL to
 #                                                   its raylet and every process under it)
 #   cluster/local_cluster.sh stop                -> stops this cluster, and only it
-# RAY_LOCAL_HEAD_CPUS (default 2): the head's CPUs; 0 keeps all work on the worker nodes.
+# RAY_LOCAL_HEAD_CPUS / RAY_LOCAL_WORKER_CPUS (default 2 each): logical CPUs per node; a head
+# with 0 keeps all work on the worker nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY="${RAY:-.venv/bin/ray}"
@@ -40,7 +41,7 @@ case "${1:-}" in
         $(node_ports 0) --disable-usage-stats >/dev/null
     for i in $(seq 1 "$workers"); do
         # shellcheck disable=SC2046
-        "$RAY" start --address="127.0.0.1:$PORT" --num-cpus=2 \
+        "$RAY" start --address="127.0.0.1:$PORT" --num-cpus="${RAY_LOCAL_WORKER_CPUS:-2}" \
             --resources="{\"local_worker_$i\": 1}" $(node_ports "$i") \
             --disable-usage-stats >/dev/null
     done

@@ -25,11 +25,12 @@ SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
 # session's Ray. The head holds no CPU, so all work is on worker nodes (which may be lost).
 CLUSTER_ENV = {"RAY_LOCAL_PORT": "6392", "RAY_LOCAL_DASHBOARD_PORT": "8277",
                "RAY_LOCAL_TMP": "/tmp/ray_nl", "RAY_LOCAL_AGENT_PORT_BASE": "53300",
-               "RAY_LOCAL_HEAD_CPUS": "0",
+               # ci-small needs up to 3.5 CPUs at once: one node of 4 can still hold it.
+               "RAY_LOCAL_HEAD_CPUS": "0", "RAY_LOCAL_WORKER_CPUS": "4",
                # A lost node is declared dead after ~3 s of missed health checks, not ~30 s.
                "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-PROMPTS, SAMPLES, STEPS = 64, 2, 12
+PROMPTS, SAMPLES, STEPS = 64, 2, 60  # 60 steps: still training when a node is lost
 OVERRIDES = [f"task.limit={PROMPTS}", "generation.chunk_prompts=4",  # 16 chunks a round
              f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=2", "trainer.ledger=true"]
 
