@@ -46,6 +46,7 @@ import ray
 
 from actors.evaluator import start_evaluator
 from actors.generator import GeneratorPool
+from dqo_ray.capacity import CapacityWatch
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
 from dqo_ray.config import to_dict as config_to_dict
 from dqo_ray.data.ingest import IngestError, ingest_file
@@ -55,7 +56,7 @@ from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
 from dqo_ray.io import atomic_write
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
-from dqo_ray.plan import CapacityWatch, Plan, make_plan, model_shape, parse_cluster
+from dqo_ray.plan import Plan, make_plan, model_shape, parse_cluster
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import (
     ENGINE_LOG,

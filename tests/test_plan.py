@@ -11,10 +11,10 @@ import sys
 import pytest
 from conftest import REPO
 
+from dqo_ray.capacity import CapacityWatch, shortfall
 from dqo_ray.config import ConfigError, load_config
 from dqo_ray.plan import (
     Ask,
-    CapacityWatch,
     Cluster,
     Node,
     PlanError,
@@ -24,7 +24,6 @@ from dqo_ray.plan import (
     model_shape,
     parse_cluster,
     place,
-    shortfall,
 )
 
 QWEN = "Qwen/Qwen2.5-1.5B-Instruct"  # sized from the table of known models: no download
