@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,8 +257,7 @@ def _check_fits(examples: Sequence[SFTExample], config) -> None:
 
 
 def _train(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
-           settings: WarmStartConfig, seed: int,
-           progress: Callable[[int, float], None] | None):
+           settings: WarmStartConfig, seed: int):
     """Runs the steps under the caller's seed/thread set-up; returns (model, tokenizer,
     losses)."""
     tokenizer = load_tokenizer(policy_path)
@@ -296,8 +295,6 @@ def _train(policy_path: str | os.PathLike, examples: Sequence[SFTExample],
                      mean, tokens / max(elapsed, 1e-9),
                      elapsed / done * (settings.steps - done))
             window.clear()
-            if progress is not None:
-                progress(done, mean)
     model.eval()
     return model, tokenizer, losses
 
@@ -325,8 +322,8 @@ def _summary(losses: list[float]) -> dict:
 
 
 def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLike,
-                        examples: Sequence[SFTExample], settings: WarmStartConfig, seed: int,
-                        progress: Callable[[int, float], None] | None = None) -> SFTResult:
+                        examples: Sequence[SFTExample], settings: WarmStartConfig,
+                        seed: int) -> SFTResult:
     """Fine-tunes the HF checkpoint at `policy_path` on `examples` and writes it to `out_dir`.
 
     Reproducible: the same inputs (see `sft_cache_key`) give bitwise-identical weights on the
@@ -344,8 +341,7 @@ def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLi
     without sft.json (not written by this function, which renames only finished folders into
     place) is refused the same way; an empty one is used.
 
-    `progress(step, loss)` is called at each log point (every LOG_EVERY steps and at
-    the last step) with the mean loss since the previous one, as logged.
+    Progress is logged every LOG_EVERY steps and at the last (mean loss since the last log).
     """
     start = time.perf_counter()
     examples = list(examples)
@@ -363,7 +359,7 @@ def supervised_finetune(policy_path: str | os.PathLike, out_dir: str | os.PathLi
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model, tokenizer, losses = _train(policy_path, examples, settings, seed, progress)
+            model, tokenizer, losses = _train(policy_path, examples, settings, seed)
     finally:
         torch.set_num_threads(previous_threads)
     seconds = time.perf_counter() - start
