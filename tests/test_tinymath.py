@@ -333,8 +333,9 @@ def test_warm_start_examples_carry_the_configured_flaw(tokenizer):
     from dqo_ray.train.warm_start import warm_start_examples
 
     def targets(flaw: str, rate: float) -> list[list[int]]:
-        cfg = load_config(REPO / "configs" / "demo.yaml", [
-            "pipeline.warm_start.problems=60", f"pipeline.warm_start.{flaw}={rate}"])
+        cfg = load_config(REPO / "configs" / "demo.yaml", [  # (the demo drops answer lines)
+            "pipeline.warm_start.problems=60", "pipeline.warm_start.flip_subtractions=0",
+            "pipeline.warm_start.drop_answer_line=0", f"pipeline.warm_start.{flaw}={rate}"])
         return [e.target_ids for e in warm_start_examples(cfg, tokenizer)]
 
     problems = load_problems("tinymath", None, "warm", 60)
