@@ -80,7 +80,10 @@ class CapacityWatch:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.cfg.ray.resource_check_s) and self.failure is None:
-            self.check(time.monotonic())
+            try:
+                self.check(time.monotonic())
+            except Exception as exc:  # a watch that cannot look (GCS busy) must not end the run
+                log.warning("capacity watch: could not read the cluster (%s); trying again", exc)
 
     def start(self) -> None:
         self._thread.start()
