@@ -3,6 +3,7 @@ at equal budget, over several seeds, with paired 95% confidence intervals.
 
     python benchmarks/learning.py [--config configs/learning.yaml] [--seeds 0 1 2]
                                   [--eval-limit 1000] [--extra dro dpo] [--set key=value ...]
+                                  [--ablate NAME key=value ... [--ablate ...]]
 
 Per seed (run.seed = seed: another tiny-model init, warm start and sampling): `jobs.compare`
 runs DQO and RFT as full pipelines (same prompts, samples, rounds x steps x batch) and the
@@ -12,6 +13,10 @@ eval.limit held-out problems at the start and after each round (greedy, and the 
 eval.samples samples). Gains are paired per problem (final - start on the same problem), the
 3-seed gain averages each problem's gain over the seeds; intervals are 1.96 standard errors
 over problems (seed-to-seed spread is shown by the per-seed rows).
+
+An ablation (`--ablate kl0 algo.kl_coef=0`) is DQO with those settings changed, run on every
+seed from the same warm start as "dqo kl0" and compared with the recipe's DQO problem by
+problem: the measurement behind each part of configs/learning.yaml's recipe.
 
 Resumable: every pipeline stage is recorded, so a re-run skips finished runs and continues an
 unfinished one. Writes runs/<run.name>/learning.md and learning.png and appends the table to
@@ -35,7 +40,7 @@ from dqo_ray.config import load_config  # noqa: E402
 from dqo_ray.evaluation.paired import gain_differences, paired_gain, problem_scores  # noqa: E402
 from dqo_ray.io import atomic_write  # noqa: E402
 from dqo_ray.runtime import ENGINE_LOG, init_ray  # noqa: E402
-from jobs.compare import compare  # noqa: E402
+from jobs.compare import compare, run_algorithm  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 METRICS = (("greedy", 0), ("mean-sample", 1))
@@ -54,6 +59,15 @@ def run_seed(config: str, seed: int, algos: list[str], eval_limit: int,
     runs = {algo: out.parent / f"seed{seed}-{algo}" for algo in algos}
     runs["gold control"] = out.parent / f"seed{seed}-gold-control"
     return runs
+
+
+def run_ablation(config: str, seed: int, name: str, changes: list[str], eval_limit: int,
+                 overrides: list[str], out: Path) -> Path:
+    """DQO with `changes` on top of the recipe, for one seed (resumed where it stopped)."""
+    cfg = load_config(config, [*overrides, *changes, f"run.seed={seed}",
+                               f"run.name={out.name}/seed{seed}", f"eval.limit={eval_limit}"])
+    init_ray(cfg.ray, out / ENGINE_LOG)
+    return run_algorithm(cfg, "dqo", label=f"dqo-{name}")
 
 
 def gains(seeds: dict[int, dict[str, Path]], dataset: str) -> list[dict]:
@@ -151,7 +165,12 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=["dro", "dpo"],
                         help="algorithms run on the first seed only")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--ablate", nargs="+", action="append", default=[],
+                        metavar=("NAME", "KEY=VALUE"),
+                        help="DQO with these settings changed, on every seed")
     args = parser.parse_args()
+    if any(len(a) < 2 for a in args.ablate):
+        parser.error("--ablate needs a name and at least one key=value")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     began = time.perf_counter()
     base = load_config(args.config, args.overrides)
@@ -162,10 +181,19 @@ def main() -> None:
         log.info("[learning] seed %d (%d of %d): %s + gold control", seed, i + 1,
                  len(args.seeds), ", ".join(algos))
         seeds[seed] = run_seed(args.config, seed, algos, args.eval_limit, args.overrides, out)
+    for name, *changes in args.ablate:
+        for seed in args.seeds:
+            log.info("[learning] ablation %s (%s), seed %d", name, " ".join(changes), seed)
+            seeds[seed][f"dqo {name}"] = run_ablation(args.config, seed, name, changes,
+                                                      args.eval_limit, args.overrides, out)
     dataset = base.eval.datasets[0]
     rows = gains(seeds, dataset)
     vs_rft = versus(seeds, dataset, "dqo", "rft")
     checks = verdict(rows, vs_rft)
+    for name, *changes in args.ablate:
+        diff = versus(seeds, dataset, f"dqo {name}", "dqo")
+        checks += [(f"DQO {name} ({' '.join(changes)}) final - DQO final, {m}: {diff[m]}", None)
+                   for m, _ in METRICS]
     text = "\n".join([table(rows), "", *(f"- {c}" if ok is None else
                                          f"- {c}: {'yes' if ok else 'NO'}" for c, ok in checks)])
     print(text)

@@ -45,15 +45,15 @@ def variant(cfg: Config, name: str, **sections: Any) -> Config:
     return dataclasses.replace(cfg, run=run, data=data, **sections)
 
 
-def run_algorithm(cfg: Config, algo: str) -> Path:
-    """One pipeline run; rft and dpo read no process-reward data, so theirs skips those
-    rollouts."""
+def run_algorithm(cfg: Config, algo: str, label: str | None = None) -> Path:
+    """One pipeline run named <run.name>-<label> (label: the algorithm's name by default);
+    rft and dpo read no process-reward data, so theirs skips those rollouts."""
     generation = cfg.generation
     if algo in ("rft", "dpo") and generation.process_reward_samples:
         generation = dataclasses.replace(generation, process_reward_samples=0)
-    cfg = variant(cfg, algo, algo=dataclasses.replace(cfg.algo, name=algo),
+    cfg = variant(cfg, label or algo, algo=dataclasses.replace(cfg.algo, name=algo),
                   generation=generation)
-    log.info("== %s: pipeline run %s", algo, cfg.run.run_dir)
+    log.info("== %s: pipeline run %s", label or algo, cfg.run.run_dir)
     Pipeline(cfg, RunState(cfg.run.run_dir, to_dict(cfg))).run()
     return Path(cfg.run.run_dir)
 
