@@ -92,9 +92,13 @@ class RunState:
         self._save()
 
     def finished(self, stage: str) -> dict[str, Any] | None:
-        """The recorded result of `stage`, or None when it has not finished."""
+        """The recorded result of `stage`, or None when it has not finished (a finished stage
+        may have recorded an empty result: ask `done`, not the result's truth)."""
         record = self.stages.get(stage)
         return None if record is None else record["result"]
+
+    def done(self, stage: str) -> bool:
+        return stage in self.stages
 
     def finish(self, stage: str, seconds: float, **result: Any) -> None:
         with self._lock:

@@ -96,8 +96,11 @@ class Pipeline:
 
     def run(self) -> None:
         start = self.start = self.start_policy()
-        self.start_evaluator()
-        if self.cfg.pipeline.evaluate_start and not self.state.finished("evaluate/start"):
+        evaluations = ["evaluate/start"] * self.cfg.pipeline.evaluate_start + [
+            f"round{r}/evaluate" for r in range(self.cfg.pipeline.rounds)]
+        if not all(map(self.state.done, evaluations)):  # a finished run re-prints its report
+            self.start_evaluator()
+        if self.cfg.pipeline.evaluate_start and not self.state.done("evaluate/start"):
             self.evaluations["evaluate/start"] = self.issue_evaluation("evaluate/start")
         plan = self.plan or plan_for_run(self.cfg)
         overlap = plan.overlap
@@ -114,7 +117,7 @@ class Pipeline:
                 trained = self.state.finished(f"round{r}/train")
                 sampling = None  # round r+1, sampled from `policy` while round r trains
                 if (overlap and r + 1 < self.cfg.pipeline.rounds and trained is None
-                        and not self.state.finished(f"round{r + 1}/data")):
+                        and not self.state.done(f"round{r + 1}/data")):
                     sampling = background.submit(self.data, r + 1, policy, start)
                 trained = trained or self.train(r, policy, value, start, overlapping=sampling)
                 policy, value = trained["policy"], trained["value"]
@@ -124,7 +127,7 @@ class Pipeline:
     def start_policy(self) -> str:
         """model.policy (or a tiny model built for the task), then the optional warm start."""
         cfg = self.cfg
-        if cfg.model.policy == "tiny" and not self.state.finished("start/tiny"):
+        if cfg.model.policy == "tiny" and not self.state.done("start/tiny"):
             began = time.perf_counter()
             words = task_vocabulary(cfg)
             save_tiny_checkpoint(self.run_dir / "base", words,
@@ -147,7 +150,7 @@ class Pipeline:
     def data(self, r: int, policy: str, start: str) -> None:
         """Data round r: ingested (round 0, pipeline.round0 = ingest) or sampled from `policy`."""
         stage = f"round{r}/data"
-        if self.state.finished(stage):
+        if self.state.done(stage):
             return
         began = time.perf_counter()
         if r == 0 and self.cfg.pipeline.round0 == "ingest":
@@ -178,7 +181,7 @@ class Pipeline:
 
     def reference(self, r: int, start: str) -> None:
         stage = f"round{r}/reference"
-        if self.state.finished(stage):
+        if self.state.done(stage):
             return
         began = time.perf_counter()
         reference = self.reference_policy(start)
@@ -220,7 +223,7 @@ class Pipeline:
         evaluator is new, so an unrecorded round is followed again (results.jsonl keeps it
         from scoring a checkpoint twice)."""
         stage = f"round{r}/evaluate"
-        if stage not in self.evaluations and not self.state.finished(stage):
+        if stage not in self.evaluations and not self.state.done(stage):
             self.evaluations[stage] = self.issue_evaluation(stage)
 
     def finish(self) -> None:
@@ -274,7 +277,7 @@ class Pipeline:
             raise RuntimeError(f"the evaluator was lost {self.evaluators_lost} times, more "
                                f"than eval.max_restarts={self.cfg.eval.max_restarts} (last: "
                                f"{type(exc).__name__}: {exc})") from exc
-        pending = [stage for stage in self.evaluations if not self.state.finished(stage)]
+        pending = [stage for stage in self.evaluations if not self.state.done(stage)]
         log.warning("evaluator lost (%s, its node may be gone): starting a new one; it redoes "
                     "%s", type(exc).__name__, ", ".join(pending) or "nothing yet")
         self.start_evaluator()

@@ -26,9 +26,12 @@ def test_state_records_stages_and_resumes(tmp_path):
     state = RunState(tmp_path, config)
     assert state.attempt == 0 and state.finished("round0/data") is None
     state.finish("round0/data", 1.5, samples=16)
+    state.finish("round0/evaluate", 0.5)  # an empty result is still a finished stage
     again = RunState(tmp_path, config)  # a restarted driver
     assert again.attempt == 1
     assert again.finished("round0/data") == {"samples": 16}
+    assert again.done("round0/evaluate") and again.finished("round0/evaluate") == {}
+    assert not again.done("round1/evaluate") and again.finished("round1/evaluate") is None
     assert again.stages["round0/data"]["attempt"] == 0  # finished by the first start
     assert json.loads((tmp_path / STATE_FILE).read_text())["attempts"][0] == state.attempts[0]
 
@@ -222,3 +225,14 @@ def test_submitted_pipeline_survives_a_stop_and_uses_both_nodes(local_cluster, t
     roles = {p["role"] for p in placement}
     assert {"generator", "evaluator", "train-worker"} <= roles
     assert len({p["node_id"] for p in placement}) == 2, placement
+
+    # 5. Submitting the finished run again re-prints its report: no stage runs again and no
+    # evaluator (a vLLM engine) is started for nothing.
+    _submit(local_cluster, "pipeline-3", tmp_path)
+    status = _wait(local_cluster, "pipeline-3", lambda s: s in ("SUCCEEDED", "FAILED"), 300)
+    assert status == "SUCCEEDED", _logs(local_cluster, "pipeline-3")[-4000:]
+    assert {s: r["attempt"] for s, r in stages().items()} == \
+        {s: r["attempt"] for s, r in final.items()}
+    evaluators = [line for line in (run / "placement.jsonl").read_text().splitlines()
+                  if '"evaluator"' in line]
+    assert len(evaluators) == 2  # the first two submissions' evaluators only
