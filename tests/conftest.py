@@ -101,3 +101,20 @@ def write_toy_store(root: Path, checkpoint: Path, shards: int = 2, rows_per_shar
                                 step_values=step_values(ok(shard, i)))
         store.write_shard(rows, round=0)
     return store
+
+
+# What the fault tests lost and re-did, shown at the end of the run even though pytest captures
+# a passing test's output (CI logs it).
+_FAULT_SUMMARY: list[str] = []
+
+
+@pytest.fixture
+def fault_summary() -> Callable[[str], None]:
+    return _FAULT_SUMMARY.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _FAULT_SUMMARY:
+        terminalreporter.section("fault tests: what was lost and re-done")
+        for line in _FAULT_SUMMARY:
+            terminalreporter.write_line(line)

@@ -85,7 +85,7 @@ def _until(condition, what: str, job: str, address: str, timeout: float = 600) -
 
 @pytest.mark.ray
 def test_pipeline_survives_losing_a_node_while_generating_and_one_while_training(
-        three_worker_cluster, tmp_path):
+        three_worker_cluster, tmp_path, fault_summary):
     address, job, run = three_worker_cluster, "node-loss", tmp_path / "ci-small"
     _submit(address, job, tmp_path, *OVERRIDES)
 
@@ -146,9 +146,10 @@ def test_pipeline_survives_losing_a_node_while_generating_and_one_while_training
 
     first_redo = min(rec["time"] for rec in redone)
     step_s = (max(r["time"] for r in records) - first_redo) / max(len(redone) - 1, 1)
-    print(f"\nnode {lost_a} lost while generating round 0: {replaced[0]} engine(s) replaced, "
-          f"their chunks re-issued; evaluator {'re-created' if evaluator_lost else 'not there'}"
-          f"\nnode {lost_b} lost while training round 1: steps {repeated or 'none'} trained "
-          f"again (~{len(repeated) * step_s:.1f}s of training), training resumed "
-          f"{first_redo - killed_b:.0f}s after the loss; the whole job took "
-          f"{time.time() - killed_a:.0f}s after the first loss")
+    fault_summary(f"node {lost_a} lost while generating round 0: {replaced[0]} engine(s) "
+                  f"replaced, their chunks re-issued; evaluator "
+                  f"{'re-created' if evaluator_lost else 'not there'}")
+    fault_summary(f"node {lost_b} lost while training round 1: steps {repeated or 'none'} "
+                  f"trained again (~{len(repeated) * step_s:.1f}s of training), training "
+                  f"resumed {first_redo - killed_b:.0f}s after the loss; the whole job took "
+                  f"{time.time() - killed_a:.0f}s after the first loss")
