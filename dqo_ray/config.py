@@ -170,12 +170,14 @@ class AlgoConfig:
     reward_correct: float = 1.0
     reward_incorrect: float = 0.0
     dpo_beta: float = field(default=0.1, metadata=_range(gt=0))
-    kl_coef: float = field(default=0.0, metadata=_range(ge=0))
+    kl_coef: float = field(default=0.1, metadata=_range(ge=0))
     """dqo: alpha * KL(pi_theta(.|s_h) || pi_ref(.|s_h)) over the whole vocabulary, per
     response token, added to the policy loss (OREO, arXiv 2412.16145: "to stabilise
     training", 0.01 there). The KL inside DQO's objective constrains only sampled tokens;
-    this term also holds the mass a step would move to tokens nobody sampled. Costs a
-    reference forward in every step (pi_ref is loaded beside the policy)."""
+    this term also holds the mass a step would move to tokens nobody sampled. On by default
+    because it won: without it DQO ends 11-21 points lower over 3 rounds
+    (benchmarks/RESULTS.md, learning.py ablation kl0). 0 turns it off. Costs a reference
+    forward in every step (pi_ref is loaded beside the policy)."""
     step_values: Literal["model", "mc"] = "model"
     """dqo: where V comes from. `model` = the value network V_phi at every token. `mc` = the
     paper's process supervision used as values (arXiv 2410.09302): Monte-Carlo rollouts

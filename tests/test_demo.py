@@ -30,7 +30,6 @@ REDUCED = [
     "pipeline.rounds=1", "pipeline.warm_start.problems=40", "pipeline.warm_start.steps=20",
     "pipeline.warm_start.batch_size=8", "pipeline.warm_start.warmup_steps=2",
     "pipeline.warm_start.threads=1", "run.tensorboard=false",
-    "algo.kl_coef=0.1",  # the full-vocabulary KL: a reference forward in the Ray Train step
     # A 20-step start has no prompt with mixed outcomes, which balanced groups need (those
     # are tested through Ray Data in test_train_ray.py).
     "data.prompt_groups=all",

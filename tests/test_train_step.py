@@ -95,7 +95,7 @@ def test_mc_step_values_train_the_policy_alone_on_whole_steps(tiny_checkpoint):
         n = len(row["response_ids"])
         row.update(step_ends=[1, n - 1], step_rewards=[0.0, 0.0], step_values=[0.5, 0.25])
     batch = pad_trajectories(rows, pad_id=0, side="left", pad_to_multiple=8)
-    cfg = AlgoConfig(beta=0.2, step_values="mc")
+    cfg = AlgoConfig(beta=0.2, step_values="mc", kl_coef=0)  # the KL term: its own test
     out = loss_on_batch(policy, None, batch, cfg)
     mask = batch["response_mask"][:, 1:]
     with torch.no_grad():
@@ -138,18 +138,28 @@ def models(checkpoint):
     return policy, value
 
 
+def moved_reference(checkpoint):
+    """A pi_ref that differs from the policy, so the full-vocabulary KL term is not zero."""
+    reference = load_policy(checkpoint).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return reference
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("truncated_response", ["zero", "bootstrap"])
 def test_dqo_row_terms_identical_alone_or_batched(tiny_checkpoint, side, truncated_response):
     policy, value = models(tiny_checkpoint)
     cfg = AlgoConfig(beta=0.2, lam=0.9, truncated_response=truncated_response)
+    reference = moved_reference(tiny_checkpoint)
     rows = make_rows(2)  # row 2 is the longest and truncated; row 0 the shortest
     with torch.no_grad():
         for i in range(len(rows)):
             alone_batch = pad_trajectories([rows[i]], pad_id=0, side=side)
             full_batch = pad_trajectories(rows, pad_id=0, side=side)
-            alone = loss_on_batch(policy, value, alone_batch, cfg)
-            full = loss_on_batch(policy, value, full_batch, cfg)
+            alone = loss_on_batch(policy, value, alone_batch, cfg, reference)
+            full = loss_on_batch(policy, value, full_batch, cfg, reference)
             m1, m2 = alone_batch["response_mask"][0, 1:], full_batch["response_mask"][i, 1:]
             for terms in ("policy_terms", "value_terms"):
                 a, b = getattr(alone, terms)[0][m1], getattr(full, terms)[i][m2]
@@ -160,11 +170,12 @@ def test_dqo_row_terms_identical_alone_or_batched(tiny_checkpoint, side, truncat
 @pytest.mark.parametrize("name", ["dqo", "dro", "rft", "dpo"])
 def test_losses_do_not_depend_on_padding_side(tiny_checkpoint, name):
     policy, value = models(tiny_checkpoint)
-    cfg = AlgoConfig(name=name, beta=0.2)
+    cfg = AlgoConfig(name=name, beta=0.2)  # dqo: with the full-vocabulary KL term
+    reference = moved_reference(tiny_checkpoint)
     rows = make_rows(4, n=4)
     with torch.no_grad():
-        right = loss_on_batch(policy, value, pad_trajectories(rows, 0, "right"), cfg)
-        left = loss_on_batch(policy, value, pad_trajectories(rows, 0, "left", 8), cfg)
+        right = loss_on_batch(policy, value, pad_trajectories(rows, 0, "right"), cfg, reference)
+        left = loss_on_batch(policy, value, pad_trajectories(rows, 0, "left", 8), cfg, reference)
     assert right.loss.item() == pytest.approx(left.loss.item(), rel=1e-4)
     assert right.loss.item() != 0
 
@@ -173,7 +184,7 @@ def test_truncated_response_zero_drops_reward(tiny_checkpoint):
     policy, value = models(tiny_checkpoint)
     rows = make_rows(3)
     rows[2]["reward"] = 1.0  # a truncated row with a (spurious) positive reward
-    cfg = AlgoConfig(beta=0.2, lam=1.0, off_policy="none")
+    cfg = AlgoConfig(beta=0.2, lam=1.0, off_policy="none", kl_coef=0)
     with torch.no_grad():
         b = pad_trajectories(rows, pad_id=0)
         zero = loss_on_batch(policy, value, b, cfg)
@@ -216,15 +227,13 @@ def test_kl_term_uses_the_reference_forward_on_response_tokens(tiny_checkpoint):
     policy, value = models(tiny_checkpoint)
     batch = pad_trajectories(make_rows(5, n=3), pad_id=0, side="left", pad_to_multiple=8)
     cfg = AlgoConfig(beta=0.2, off_policy="none", kl_coef=0.5)
-    plain = loss_on_batch(policy, value, batch, AlgoConfig(beta=0.2, off_policy="none"))
+    plain = loss_on_batch(policy, value, batch, AlgoConfig(beta=0.2, off_policy="none",
+                                                           kl_coef=0))
     same = loss_on_batch(policy, value, batch, cfg, reference=load_policy(tiny_checkpoint))
     assert same.metrics["kl_full"].item() == pytest.approx(0, abs=1e-6)  # pi_ref == pi_theta
     torch.testing.assert_close(same.policy_loss, plain.policy_loss)
 
-    other = load_policy(tiny_checkpoint)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    other = moved_reference(tiny_checkpoint)
     moved = loss_on_batch(policy, value, batch, cfg, reference=other)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = batch["response_mask"][:, 1:]
