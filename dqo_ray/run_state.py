@@ -98,6 +98,7 @@ class RunState:
         return None if record is None else record["result"]
 
     def done(self, stage: str) -> bool:
+        """Whether `stage` has finished (whatever result it recorded)."""
         return stage in self.stages
 
     def finish(self, stage: str, seconds: float, **result: Any) -> None:

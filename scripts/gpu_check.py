@@ -11,8 +11,8 @@ configs with random weights (nothing is downloaded). Checks, each a row of the t
    DS_ACCELERATOR=cuda) and model.dtype auto -> bfloat16;
 2. all-reduce: a one-rank NCCL group; the training loop's metric reductions put their tensors
    where the backend needs them (collective_device) and return the right values;
-3. train step: the DQO step of the training loop (`_train_step`: policy + value model,
-   gradient checkpointing, the attention kernel model.attn_implementation auto picks) through
+3. train step: the DQO step of the training loop (`_train_step`: policy + value model, the
+   frozen pi_ref forward of the default full-vocabulary KL term, gradient checkpointing, the attention kernel model.attn_implementation auto picks) through
    our engine classes (DeepSpeed ZeRO 1, bf16, fp32 master weights), on a ~0.55B Llama-shaped
    model: tokens/s, peak memory (beside the plan's estimate, dqo_ray.plan) and MFU;
 4. bf16 HF export: what the engines and the evaluator load (dqo_ray.train.loop.export_hf);
@@ -256,6 +256,11 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
     with torch.device(device):
         policy = LlamaForCausalLM(config)
         value = ValueModel(ValueModelConfig(backbone_config=config))
+        # pi_ref for algo.kl_coef > 0 (the default): frozen, in the training dtype, as the loop
+        # loads it.
+        reference = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
+    reference.set_attn_implementation(attn)
+    reference.eval().requires_grad_(False)
     for model in (policy, value):
         model.set_attn_implementation(attn)
         model.gradient_checkpointing_enable()
@@ -269,14 +274,14 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
     before = next(engines["policy"].module.parameters()).detach().float().clone()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):  # warm-up: kernel selection, allocator
-        _train_step(engines, [batch], cfg.algo, device, True)
+        _train_step(engines, [batch], cfg.algo, device, True, reference)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     losses = []
     for _ in range(args.steps):
-        metrics, _ = _train_step(engines, [batch], cfg.algo, device, True)
+        metrics, _ = _train_step(engines, [batch], cfg.algo, device, True, reference)
         losses.append(metrics["loss"])
     sync()
     seconds = time.perf_counter() - began
@@ -286,7 +291,8 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
     shape = shape_from_hf_config(config.to_dict(), f"{args.size} check model", "its config")
     estimate = trainer_memory(cfg, shape, _gpu(cuda))
     detail = (f"{kind} ({why}), ZeRO 1, {'bf16' if bf16 else 'fp32'} (module {str(dtype)[6:]}), "
-              f"attention {attn}, policy + value {params / 1e9:.2f}B parameters, micro-batch "
+              f"attention {attn}, policy + value {params / 1e9:.2f}B parameters (+ frozen pi_ref), "
+              f"micro-batch "
               f"{micro} x {seq} tokens, gradient checkpointing, {args.steps} steps: "
               f"{tokens_s:,.0f} tokens/s, {seconds / args.steps * 1000:.0f} ms/step")
     if cuda:
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         results.run("device rules", lambda: check_device(cuda, device))
         results.run("all-reduce on the backend's device", lambda: check_all_reduce(cuda, device))
-        results.run("train step (DQO: policy + value)",
+        results.run("train step (DQO: policy + value + pi_ref)",
                     lambda: train_check(args, cuda, device, state))
         results.run("bf16 HF export" if cuda else "HF export", lambda: export_check(work, state))
         state.clear()  # the engines' memory, before generation

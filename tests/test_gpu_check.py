@@ -56,7 +56,7 @@ def test_every_check_runs_without_ray_vllm_or_deepspeed(tmp_path):
     assert table.startswith("# GPU check (CPU dry run: not a GPU result)")
     rows = [line for line in table.splitlines() if line.startswith("| ") and " | pass |" in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [
-        "device rules", "all-reduce on the backend's device", "train step (DQO: policy + value)",
+        "device rules", "all-reduce on the backend's device", "train step (DQO: policy + value + pi_ref)",
         "HF export", "sampled-token log-probs = forward (bfloat16)",
         "sampled-token log-probs = forward (float32)"]
     assert "torch (DeepSpeed does not import" in table  # the fallback, and why
