@@ -175,9 +175,9 @@ class AlgoConfig:
     response token, added to the policy loss (OREO, arXiv 2412.16145: "to stabilise
     training", 0.01 there). The KL inside DQO's objective constrains only sampled tokens;
     this term also holds the mass a step would move to tokens nobody sampled. On by default
-    because it won: without it DQO ends 11-21 points lower over 3 rounds
-    (benchmarks/RESULTS.md, learning.py ablation kl0). 0 turns it off. Costs a reference
-    forward in every step (pi_ref is loaded beside the policy)."""
+    because it won: without it DQO ended 10-20 points lower greedy (14-26 mean-sample) after
+    3 rounds on each of 3 seeds (benchmarks/RESULTS.md, learning.py ablation kl0). 0 turns it
+    off. Costs a reference forward in every step (pi_ref is loaded beside the policy)."""
     step_values: Literal["model", "mc"] = "model"
     """dqo: where V comes from. `model` = the value network V_phi at every token. `mc` = the
     paper's process supervision used as values (arXiv 2410.09302): Monte-Carlo rollouts
