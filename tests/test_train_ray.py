@@ -375,3 +375,33 @@ def test_restarted_job_continues_from_last_checkpoint(tmp_path, scored_store, ti
     assert all(m["resumed_from"] == 0 for m in history[:restart])
     assert history[-1]["step"] == 8
     assert_exact_epoch_accounting(run_dir / "ledger", 8)
+
+
+def test_planner_builds_again_an_epoch_whose_build_lost_its_node():
+    """A build whose Ray Data actor died with its node is built again, not handed to every
+    restarted trainer as the same error (no Ray needed: _build is replaced)."""
+    import concurrent.futures
+    import threading
+
+    import ray.exceptions
+
+    from dqo_ray.data.streams import EpochPlanner
+
+    class Built:
+        def count(self) -> int:
+            return 5
+
+    calls: list[int] = []
+
+    class Planner(EpochPlanner):
+        def __init__(self) -> None:  # the parts split() uses, without a store
+            self._pool = concurrent.futures.ThreadPoolExecutor(1)
+            self._builds, self._lock, self.run_rows = {}, threading.Lock(), 5
+
+        def _build(self, epoch: int) -> list:
+            calls.append(epoch)
+            if len(calls) == 1:
+                raise ray.exceptions.ActorDiedError()
+            return [Built()]
+
+    assert Planner().split(0, 0).count() == 5 and calls == [0, 0]

@@ -149,7 +149,9 @@ class EpochPlanner:
 
     def _future(self, epoch: int) -> Any:
         with self._lock:
-            if epoch not in self._builds:
+            build = self._builds.get(epoch)
+            if build is None or (build.done() and build.exception() is not None):
+                # A failed build is not kept: the next ask (a restarted trainer) rebuilds it.
                 self._builds[epoch] = self._pool.submit(self._build, epoch)
             for old in [e for e in self._builds if e < epoch - 1]:
                 del self._builds[old]  # ranks move in lockstep; a restart rebuilds (same order)
@@ -165,8 +167,17 @@ class EpochPlanner:
             return sorted(self._builds)
 
     def split(self, epoch: int, rank: int) -> Any:
-        """Rank `rank`'s part of epoch `epoch` (a materialised Dataset); prefetches epoch+1."""
-        splits = self._future(epoch).result()
+        """Rank `rank`'s part of epoch `epoch` (a materialised Dataset); prefetches epoch+1.
+        A build that lost a Ray worker or object (its node gone) is built again, up to 3 times."""
+        for attempt in range(3):
+            try:
+                splits = self._future(epoch).result()
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                if attempt == 2:
+                    raise
+                log.warning("epoch %d: the build lost a Ray worker or object (%s: a node gone?); "
+                            "building it again", epoch, type(exc).__name__)
         epoch_rows = sum(s.count() for s in splits)
         if self.run_rows is None or (epoch + 1) * epoch_rows < self.run_rows:
             self._future(epoch + 1)
