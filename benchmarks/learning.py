@@ -38,8 +38,9 @@ sys.path.insert(0, str(REPO))
 
 from dqo_ray.config import load_config  # noqa: E402
 from dqo_ray.evaluation.paired import gain_differences, paired_gain, problem_scores  # noqa: E402
-from dqo_ray.io import atomic_write  # noqa: E402
+from dqo_ray.io import atomic_write, read_jsonl  # noqa: E402
 from dqo_ray.runtime import ENGINE_LOG, init_ray  # noqa: E402
+from dqo_ray.tasks.tinymath import ERROR_KINDS, error_kind  # noqa: E402
 from jobs.compare import compare, run_algorithm  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -110,6 +111,27 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['seeds']} | {r['n']} | {r['start greedy']:.1f} | "
                      f"{r['gain greedy']} | {r['start mean-sample']:.1f} | "
                      f"{r['gain mean-sample']} |")
+    return "\n".join(lines)
+
+
+def error_table(seeds: dict[int, dict[str, Path]], dataset: str) -> str:
+    """tinymath only: why the greedy answers are wrong at each evaluated step, per 1000
+    problems, mean over seeds: which errors a method fixes and which it adds."""
+    lines = ["| method | step | correct | " + " | ".join(ERROR_KINDS) + " |",
+             "| --- | ---: |" + " ---: |" * (len(ERROR_KINDS) + 1)]
+    methods = dict.fromkeys(m for runs in seeds.values() for m in runs)
+    for method in methods:
+        per_seed = [sorted((Path(runs[method]) / "predictions").glob(f"{dataset}-step*.jsonl"))
+                    for runs in seeds.values() if method in runs]
+        for i in range(min(map(len, per_seed))):
+            counts = dict.fromkeys((None, *ERROR_KINDS), 0.0)
+            for files in per_seed:
+                rows = read_jsonl(files[i])
+                for row in rows:
+                    counts[error_kind(row["greedy"], row["gold"])] += 1000 / len(rows)
+            step = int(per_seed[0][i].stem.rsplit("step", 1)[1])
+            lines.append(f"| {method} | {step} | "
+                         + " | ".join(f"{v / len(per_seed):.0f}" for v in counts.values()) + " |")
     return "\n".join(lines)
 
 
@@ -196,6 +218,9 @@ def main() -> None:
                    for m, _ in METRICS]
     text = "\n".join([table(rows), "", *(f"- {c}" if ok is None else
                                          f"- {c}: {'yes' if ok else 'NO'}" for c, ok in checks)])
+    if dataset == "tinymath":
+        text += ("\n\nGreedy answers by kind, per 1000 problems (mean over seeds):\n\n"
+                 + error_table(seeds, dataset))
     print(text)
     title = f"{args.config}: gains over the warm start, {args.eval_limit} held-out problems"
     out.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,20 @@ def test_grader_cases(response, ok):
     assert grade("tinymath", response, "7") is ok
 
 
+@pytest.mark.parametrize("response, kind", [
+    ("3 * 4 = 12.\n12 - 5 = 7.\nThe answer is 7.", None),
+    ("3 * 4 = 12.\n12 - 5 = 7.", "no answer line"),
+    ("3 * 4 = 12.\n12 - 5 = 7.\nThe answer is", "no answer line"),
+    ("3 * 4 = 12.\n12 - 5 = 8.\nThe answer is 8.", "arithmetic"),
+    ("3 * 4 = 12.\n12 - 5 = 7.\nThe answer is 12.", "answer is not the last result"),
+    ("3 * 4 = 12.\n12 + 5 = 17.\nThe answer is 17.", "wrong steps"),
+    ("The answer is 9.", "wrong steps"),                      # no step to blame
+])
+def test_error_kind_names_why_a_response_is_wrong(response, kind):
+    assert tm.error_kind(response, "7") == kind
+    assert kind is None or kind in tm.ERROR_KINDS
+
+
 def test_grader_never_raises_on_odd_input():
     assert grade("tinymath", None, "7") is False
     assert grade("tinymath", "The answer is 7.", "seven") is False

@@ -229,7 +229,7 @@ def draw_problem(rng: random.Random) -> tuple[str, str, int, int]:
     return " ".join(sentences), "\n".join(lines), v, steps
 
 
-_LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")
+EQUATION = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")  # one solution step
 
 
 def flip_subtractions(solution: str, rate: float, key: str) -> str:
@@ -248,7 +248,7 @@ def flip_subtractions(solution: str, rate: float, key: str) -> str:
     lines = solution.split("\n")
     out, value = [], None
     for step, line in enumerate(lines):
-        match = _LINE.match(line)
+        match = EQUATION.match(line)
         if match is None:
             if line.startswith(ANSWER_PREFIX) and value is not None:
                 line = f"{ANSWER_PREFIX} {value}."
@@ -423,6 +423,26 @@ def grade(response: str, gold: str) -> bool:
     """The response's answer-line integer equals the gold integer."""
     expected = _gold_int(gold)
     return expected is not None and extract_tinymath_answer(response) == expected
+
+
+ERROR_KINDS = ("no answer line", "arithmetic", "answer is not the last result", "wrong steps")
+
+
+def error_kind(response: str, gold: str) -> str | None:
+    """Why a response grades False, as one of ERROR_KINDS (None when it is correct): no
+    readable answer line; a step whose result is wrong; an answer other than the last step's
+    result; else every step is right but they are not this problem's steps."""
+    if grade(response, gold):
+        return None
+    answer = extract_tinymath_answer(response)
+    if answer is None:
+        return ERROR_KINDS[0]
+    steps = [m for m in map(EQUATION.match, response.split("\n")) if m]
+    if any(_apply(op, int(a), int(k)) != int(v) for a, op, k, v in (m.groups() for m in steps)):
+        return ERROR_KINDS[1]
+    if steps and int(steps[-1][4]) != answer:
+        return ERROR_KINDS[2]
+    return ERROR_KINDS[3]
 
 
 def grade_batch(responses: Sequence[str], golds: Sequence[str]) -> list[bool]:
