@@ -18,6 +18,9 @@ An ablation (`--ablate kl0 algo.kl_coef=0`) is DQO with those settings changed, 
 seed from the same warm start as "dqo kl0" and compared with the recipe's DQO problem by
 problem: the measurement behind each part of configs/learning.yaml's recipe.
 
+On tinymath it also tables why the greedy answers are wrong at each evaluated step
+(`tinymath.error_kind`: no answer line, arithmetic, answer not the last result, wrong steps).
+
 Resumable: every pipeline stage is recorded, so a re-run skips finished runs and continues an
 unfinished one. Writes runs/<run.name>/learning.md and learning.png and appends the table to
 benchmarks/RESULTS.md.
