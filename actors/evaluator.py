@@ -132,8 +132,8 @@ class Evaluator:
         `stop_watching`; several runs can be followed at once. The actor is threaded, so its
         calls may run out of order: wait for `watch` before sending the `stop_watching`. Checkpoints are announced by
         rank 0's metrics file (a line with checkpoint=true is written after Ray committed
-        checkpoint-<step>); results are recorded at step + step_offset (a pipeline's rounds
-        each count steps from 1). An announced checkpoint this node has not seen within
+        checkpoint-<step>); results are recorded at step + step_offset, with `round`, else the
+        round the metrics line names (a pipeline's trainer counts steps over all rounds). An announced checkpoint this node has not seen within
         `visible_within_s` (shared file systems cache directory listings for a while) stops the
         following with CheckpointNotVisible, raised by `stop_watching`."""
         run = Path(train_run_dir)
@@ -146,7 +146,7 @@ class Evaluator:
         thread.start()  # before it is registered: stop_watching may join it at once
         self._watchers[run] = (thread, stop)
 
-    def _pending(self, run: Path) -> list[tuple[int, Path]]:
+    def _pending(self, run: Path) -> list[tuple[int, Path, int | None]]:
         found = []
         metrics = run / "train_metrics.jsonl"
         if metrics.exists():
@@ -157,8 +157,8 @@ class Evaluator:
                     continue  # a line being written right now
                 if record.get("checkpoint"):
                     path = run / "train" / f"checkpoint-{int(record['step']):07d}" / "policy"
-                    if str(path) not in self._seen:
-                        found.append((int(record["step"]), path))
+                    if str(path) not in self._seen:  # (the round: a pipeline's metrics say)
+                        found.append((int(record["step"]), path, record.get("round")))
         return found
 
     def _follow(self, run: Path, round: int | None, poll_s: float, step_offset: int,
@@ -167,7 +167,7 @@ class Evaluator:
         try:
             while True:
                 stopping = stop.is_set()  # read before the scan: drain once after stop
-                for step, path in self._pending(run):
+                for step, path, record_round in self._pending(run):
                     if not path.exists():
                         existing = [int(p.name.removeprefix("checkpoint-"))
                                     for p in (run / "train").glob("checkpoint-*")
@@ -183,7 +183,8 @@ class Evaluator:
                         continue  # else looked for again at the next poll
                     missing_since.pop(path, None)
                     self._seen.add(str(path))
-                    self.evaluate(str(path), step + step_offset, round)
+                    self.evaluate(str(path), step + step_offset,
+                                  record_round if round is None else round)
                 if stopping and not missing_since:
                     return
                 time.sleep(poll_s)

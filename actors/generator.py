@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from actors.engines import SamplingSpec, make_engine
 from dqo_ray.algo.process_rewards import shaped_step_rewards, step_ends
@@ -54,7 +55,7 @@ def _chunk_seed(base: int, round: int, items: Sequence[PromptItem]) -> int:
 class EngineWorker:
     """The body of one engine actor: sample, grade, score process rewards, build rows."""
 
-    def __init__(self, cfg: Config, model_path: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, reference: str | None = None) -> None:
         self.cfg, self.gen = cfg, cfg.generation
         require_visible(model_path, node_name(), "an engine")
         self.engine = make_engine(self.gen.engine, model_path, kv_cache_gb=self.gen.kv_cache_gb,
@@ -64,6 +65,15 @@ class EngineWorker:
         self.tokenizer = load_tokenizer(model_path)
         self.load_error: Exception | None = None
         configure_grading(cfg.grading)  # this actor's math_verify pool
+        self.reference = None  # pi_ref, resident: each chunk is scored as it is sampled
+        if reference is not None:
+            from dqo_ray.models.reference import ReferenceModel
+
+            require_visible(reference, node_name(), "an engine's reference model")
+            device = "cuda" if torch.cuda.is_available() and self.gen.gpus_per_engine == 1 \
+                else "cpu"
+            self.reference = ReferenceModel(reference, self.tokenizer.pad_token_id, device,
+                                            cfg.data.ref_batch_size)
 
     def ping(self) -> int:
         return os.getpid()
@@ -71,16 +81,20 @@ class EngineWorker:
     def where(self) -> dict[str, Any]:
         return node_info()
 
-    def load_weights(self, checkpoint_dir: str) -> None:
-        # A failed refresh leaves the engine on old (or half-loaded) weights: remembered, so
-        # that no later chunk is sampled from them.
+    def load_weights(self, checkpoint_dir: str, blob: bytes | None = None) -> float:
+        """From `blob` (the trainer's weights, in memory) when given, else the folder; returns
+        the seconds it took. A failed refresh leaves the engine on old (or half-loaded)
+        weights: remembered, so that no later chunk is sampled from them."""
+        start = time.perf_counter()
         try:
-            require_visible(checkpoint_dir, node_name(), "an engine")
-            self.engine.load_weights(checkpoint_dir)
+            if blob is None:
+                require_visible(checkpoint_dir, node_name(), "an engine")
+            self.engine.load_weights(checkpoint_dir if blob is None else blob)
         except Exception as exc:
             self.load_error = exc
             raise
         self.load_error = None
+        return time.perf_counter() - start
 
     def run_chunk(self, items: Sequence[PromptItem], round: int,
                   policy_version: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -109,7 +123,15 @@ class EngineWorker:
         if gen.process_reward_samples > 0:
             self._add_process_rewards(items, rows)
         tokens = sum(len(r["response_ids"]) for r in rows)
-        return rows, {"tokens": tokens, "seconds": time.perf_counter() - start}
+        stats = {"tokens": tokens, "seconds": time.perf_counter() - start, "ref_seconds": 0.0}
+        if self.reference is not None:
+            began = time.perf_counter()
+            scores = self.reference.logprobs([r["prompt_ids"] for r in rows],
+                                             [r["response_ids"] for r in rows])
+            for row, score in zip(rows, scores, strict=True):
+                row["ref_logprobs"] = score.tolist()
+            stats["ref_seconds"] = time.perf_counter() - began
+        return rows, stats
 
     def _add_process_rewards(self, items: Sequence[PromptItem], rows: list[dict]) -> None:
         """p_0 from m completions of the prompt; p_k from m completions of each step prefix;
@@ -185,20 +207,24 @@ class GenerationSummary:
     seconds: float
     replaced_actors: int
     shards: list[str] = field(default_factory=list)
+    ref_seconds: float = 0.0  # engine time spent scoring the samples with pi_ref
 
     def __str__(self) -> str:
         return (f"prompts {self.prompts} (skipped {self.skipped_prompts} already stored), "
                 f"samples {self.samples}, accuracy {self.accuracy:.3f}, mean length "
                 f"{self.mean_response_tokens:.1f} tokens, {self.tokens_per_s:.0f} tokens/s, "
-                f"{self.seconds:.1f}s, actors replaced {self.replaced_actors}, "
-                f"shards {len(self.shards)}")
+                f"{self.seconds:.1f}s (pi_ref scoring {self.ref_seconds:.1f}s of engine time), "
+                f"actors replaced {self.replaced_actors}, shards {len(self.shards)}")
 
 
 class GeneratorPool:
     """N EngineWorker actors; see the module docstring."""
 
-    def __init__(self, cfg: Config, model_path: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, reference: str | None = None) -> None:
+        """reference: pi_ref's checkpoint; when given, every engine holds it for the pool's
+        life and the rows it returns carry ref_logprobs (no reference stage after sampling)."""
         self.cfg, self.model_path, self.weights = cfg, model_path, model_path
+        self.reference = reference
         self.replaced = 0
         self.groups: dict[int, Any] = {}  # slot -> its tensor-parallel placement group
         self.actors = [self._spawn(slot) for slot in range(cfg.generation.num_engines)]
@@ -234,16 +260,21 @@ class GeneratorPool:
             self.groups[slot] = group
             options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_capture_child_tasks=True))
-        actor = ray.remote(EngineWorker).options(**options).remote(self.cfg, self.model_path)
+        actor = ray.remote(EngineWorker).options(**options).remote(self.cfg, self.model_path,
+                                                                   self.reference)
         if self.weights != self.model_path:
             actor.load_weights.remote(self.weights)  # runs before any later call on it
         return actor
 
-    def load_weights(self, checkpoint_dir: str) -> None:
-        """Refreshes every engine's weights in place (vLLM: reload + prefix-cache reset)."""
+    def load_weights(self, checkpoint_dir: str, weights: Any = None) -> float:
+        """Refreshes every engine's weights in place (vLLM: reload + prefix-cache reset) to
+        the policy of `checkpoint_dir`: from `weights` (an ObjectRef of its safetensors bytes,
+        from the trainer) when given, no disk involved, else from the folder. The folder is
+        what a replaced engine loads, and the fallback when the bytes are gone (their owner,
+        a trainer worker, died). Returns the seconds the refresh took."""
         start = time.perf_counter()
         self.weights = checkpoint_dir
-        refs = [a.load_weights.remote(checkpoint_dir) for a in self.actors]
+        refs = [a.load_weights.remote(checkpoint_dir, weights) for a in self.actors]
         for i, ref in enumerate(refs):
             try:
                 ray.get(ref)
@@ -255,7 +286,14 @@ class GeneratorPool:
             except ray.exceptions.RayTaskError as exc:
                 _raise_unreadable(exc, f"weight refresh of engine {i}")
                 raise
-        log.info("weights refreshed from %s in %.2fs", checkpoint_dir, time.perf_counter() - start)
+            except ray.exceptions.ObjectLostError:  # the bytes' owner is gone: use the folder
+                log.warning("engine %d: the trainer's weights are gone from the object store; "
+                            "loading %s", i, checkpoint_dir)
+                ray.get(self.actors[i].load_weights.remote(checkpoint_dir))
+        seconds = time.perf_counter() - start
+        log.info("weights refreshed from %s in %.2fs", "memory" if weights is not None
+                 else checkpoint_dir, seconds)
+        return seconds
 
     def generate(self, items: Sequence[PromptItem], round: int, policy_version: int,
                  store: TrajectoryStore, shard_rows: int = 2048,
@@ -311,6 +349,7 @@ class GeneratorPool:
             seen.update(r["traj_id"] for r in fresh)
             buffer.extend(fresh)
             summary.samples += len(fresh)
+            summary.ref_seconds += stats.get("ref_seconds", 0.0)
             correct += sum(r["correct"] for r in fresh)
             tokens += sum(len(r["response_ids"]) for r in fresh)
             chunks_done += 1

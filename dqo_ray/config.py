@@ -220,9 +220,16 @@ class TrainerConfig:
     log_every: int = field(default=10, metadata=_range(ge=1))
     checkpoint_every: int = field(default=50, metadata=_range(ge=1))
     num_to_keep: int = field(default=2, metadata=_range(ge=1))
+    """Checkpoints kept per round (Ray Train deletes older ones; a pipeline keeps this many
+    times its rounds, so the evaluator can still score a round's checkpoints)."""
     max_failures: int = field(default=2, metadata=_range(ge=0))
     """A dead worker restarts the whole group from the last checkpoint, at most this often."""
     prefetch_batches: int = field(default=4, metadata=_range(ge=0))
+    optimizer_across_rounds: Literal["reset", "carry"] = "reset"
+    """The trainer lives for the whole pipeline and keeps its weights (fp32 master copies
+    included) from round to round; each round's LR schedule starts again (warmup included).
+    reset = Adam's moments start afresh each round (each round is its own optimisation on
+    new data); carry = they carry over."""
     ledger: bool = False
     """Record the epoch positions each rank trained on per step (run_dir/ledger; audits)."""
 

@@ -15,19 +15,14 @@ Roles and what each asks Ray for (as the code that starts them does):
 
 Phases: not every role is alive at once.
 
-    generate    generator + evaluator
-    reference   reference + ray-data + evaluator (+ generator while the pool is held)
-    train       trainer + ray-data + evaluator (+ generator while the pool is held)
+    reference   reference + ray-data + evaluator + generator (ingested round-0 data only,
+                before the trainer starts)
+    run         trainer + ray-data + evaluator + generator
 
-The evaluator scores checkpoints while training goes on, so it is in every phase. The
-generator pool is held through reference scoring and training when overlap is on (it samples
-round r+1 while round r trains). With overlap off, a pool on GPUs is *released* after each
-data round (its actors end; Ray gets the GPUs back) and started again from the newest policy
-for the next one; a CPU-only pool is kept (cheap to hold, slow to restart). Released rather
-than put to sleep (vLLM's sleep mode): a sleeping engine frees GPU memory but its actor keeps
-the GPU in Ray's accounting, so Ray Train would still wait for it.
-
-pipeline.overlap: auto is on exactly when the overlap-on plan fits (placement and memory).
+The trainer's workers live for the whole run (one Ray Train run for every round), and so do
+the engines (which also hold pi_ref and score samples as they are drawn) and the evaluator:
+they must all fit at once. pipeline.overlap (sampling round r+1 while round r trains) needs
+nothing more; auto is on.
 
 Memory (per GPU, GiB; rough, for refusing what cannot fit, not for tuning):
 - trainer: per trained model (policy; value model for dqo/dro; pi_ref for algo.kl_coef > 0,
@@ -40,7 +35,8 @@ Memory (per GPU, GiB; rough, for refusing what cannot fit, not for tuning):
 - generator / evaluator: vLLM takes gpu_memory_utilization of each GPU; weights (over tensor
   parallel ranks) and ~2 GiB of activations come first, the KV cache gets the rest, and must
   hold at least one max_model_len sequence.
-- reference: bf16 weights + one batch's logits + overhead.
+- reference: bf16 weights + one batch's logits + overhead, on an engine's GPU beside vLLM:
+  within the (1 - gpu_memory_utilization) share vLLM leaves.
 """
 
 from __future__ import annotations
@@ -305,7 +301,7 @@ def role_asks(cfg: Config) -> dict[str, Ask]:
         asks["generator"] = gen
     asks["evaluator"] = Ask("evaluator", 1, e.gpus, e.cpus, "the evaluator actor (whole run)")
     asks["reference"] = Ask("reference", d.ref_actors, 1 if t.use_gpu else 0,
-                            0.0 if t.use_gpu else 1.0, "reference-scoring actors (Ray Data)")
+                            0.0 if t.use_gpu else 1.0, "reference-scoring actors (Ray Data; ingested data only)")
     asks["ray-data"] = Ask("ray-data", 1, 0, 1.0, "a Ray Data read task")
     return asks
 
@@ -321,19 +317,13 @@ def _train_engine(cfg: Config) -> str:
     return f"DeepSpeed ZeRO {cfg.trainer.zero_stage}"
 
 
-def pool_held(cfg: Config, overlap: bool) -> bool:
-    """Whether the generator pool keeps its actors through reference scoring and training."""
-    return overlap or cfg.generation.gpus_per_engine == 0
-
-
-def phases(cfg: Config, overlap: bool) -> dict[str, list[Ask]]:
+def phases(cfg: Config) -> dict[str, list[Ask]]:
     asks = role_asks(cfg)
-    held = [asks["generator"]] if "generator" in asks and pool_held(cfg, overlap) else []
+    pool = [asks["generator"]] if "generator" in asks else []
     out = {}
-    if "generator" in asks:
-        out["generate"] = [asks["generator"], asks["evaluator"]]
-    out["reference"] = [asks["reference"], asks["ray-data"], asks["evaluator"], *held]
-    out["train"] = [asks["trainer"], asks["ray-data"], asks["evaluator"], *held]
+    if cfg.pipeline.round0 == "ingest":
+        out["reference"] = [asks["reference"], asks["ray-data"], asks["evaluator"], *pool]
+    out["run"] = [asks["trainer"], asks["ray-data"], asks["evaluator"], *pool]
     return out
 
 
@@ -459,8 +449,11 @@ def reference_memory(cfg: Config, shape: ModelShape, gpu: GPUKind) -> Memory:
     parts = {"weights": shape.params * 2 / GIB,  # the scorer loads pi_ref in bf16 on a GPU
              "logits": (2 * tokens * shape.vocab + 4 * 4096 * shape.vocab) / GIB,
              "overhead": REFERENCE_OVERHEAD_GIB}
-    return Memory("reference", parts, gpu.memory_gib, gpu,
-                  f"[batch {cfg.data.ref_batch_size}]")
+    # pi_ref lives in each engine actor, beside vLLM: in the share vLLM leaves free.
+    budget = (1 - cfg.generation.gpu_memory_utilization) * gpu.memory_gib
+    return Memory("reference", parts, budget, gpu,
+                  f"[batch {cfg.data.ref_batch_size}, beside vLLM: 1 - gpu_memory_utilization "
+                  f"{cfg.generation.gpu_memory_utilization} of {_num(gpu.memory_gib)} GiB]")
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -473,7 +466,6 @@ class Plan:
     asks: dict[str, Ask]
     overlap: bool
     overlap_why: str
-    release_pool: bool
     phases: dict[str, list[Ask]]
     memory: list[Memory] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -497,11 +489,6 @@ class Plan:
             lines.append("model: size unknown (no config.json there, not in the table of known "
                          "models): GPU memory not estimated")
         lines.append(f"overlap: {'on' if self.overlap else 'off'} ({self.overlap_why})")
-        if "generator" in self.asks:
-            lines.append("generator pool: " + (
-                "released after each data round (its GPUs go back to Ray for reference scoring "
-                "and training) and started again for the next" if self.release_pool else
-                "held for the whole run"))
         lines += ["", "| role | count | GPUs each | CPUs each | node group | what |",
                   "| --- | ---: | ---: | ---: | --- | --- |"]
         for ask in self.asks.values():
@@ -530,11 +517,11 @@ class Plan:
         return "any node with CPUs (CPU-only nodes first)"
 
 
-def _fit_problems(cfg: Config, cluster: Cluster, shape: ModelShape | None, overlap: bool
+def _fit_problems(cfg: Config, cluster: Cluster, shape: ModelShape | None
                   ) -> tuple[list[str], list[Memory], list[str]]:
-    """(problems, memory estimates, notes) of the plan with `overlap` on or off."""
+    """(problems, memory estimates, notes) of the plan."""
     problems, notes = [], []
-    for name, asks in phases(cfg, overlap).items():
+    for name, asks in phases(cfg).items():
         failed = place(cluster, asks)
         if failed:
             gpus = sum(a.count * a.gpus for a in asks)
@@ -567,9 +554,9 @@ def _memory(cfg: Config, cluster: Cluster, shape: ModelShape | None, problems: l
     out: list[Memory] = []
     hints = {"trainer": "raise trainer.zero_stage, set model.gradient_checkpointing: true, or "
                         "lower trainer.micro_batch_size",
-             "reference": "lower data.ref_batch_size"}
+             "reference": "lower data.ref_batch_size or generation.gpu_memory_utilization"}
     for role in ("trainer", "reference"):
-        ask = asks[role]
+        ask = asks["generator" if role == "reference" and "generator" in asks else role]
         gpu = _gpu_of(cluster, 1) if ask.gpus else None
         if gpu is None:
             continue
@@ -579,7 +566,9 @@ def _memory(cfg: Config, cluster: Cluster, shape: ModelShape | None, problems: l
         if m.total > m.budget:
             problems.append(f"{role}: needs about {m.total:.1f} GiB per GPU "
                             f"({', '.join(f'{k} {v:.1f}' for k, v in m.parts.items())}), "
-                            f"more than the {_num(m.budget)} GiB of an {m.gpu.name}: "
+                            f"more than the {_num(round(m.budget, 1))} GiB "
+                            f"{'left beside vLLM on' if role == 'reference' else 'of'} an "
+                            f"{m.gpu.name}: "
                             f"{hints[role]}")
     engines = []
     if "generator" in asks and asks["generator"].gpus:
@@ -628,20 +617,11 @@ def _memory(cfg: Config, cluster: Cluster, shape: ModelShape | None, problems: l
 def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
     """The plan of `cfg` on `cluster`; pipeline.overlap auto is decided here."""
     mode = cfg.pipeline.overlap
-    on = _fit_problems(cfg, cluster, shape, True)
-    if mode == "on" or (mode == "auto" and not on[0]):
-        overlap = True
-        why = ("pipeline.overlap: on" if mode == "on" else
-               "auto: the trainer, the engines and the evaluator fit at once")
-        problems, memory, notes = on
-        if mode == "on" and problems and not _fit_problems(cfg, cluster, shape, False)[0]:
-            notes.append("pipeline.overlap: off (or auto) would fit: the generator pool then "
-                         "gives its GPUs back while reference scoring and training")
-    else:
-        overlap = False
-        why = ("pipeline.overlap: off" if mode == "off" else
-               "auto: the trainer, the engines and the evaluator do not all fit at once")
-        problems, memory, notes = _fit_problems(cfg, cluster, shape, False)
+    overlap = mode != "off"
+    why = {"on": "pipeline.overlap: on", "off": "pipeline.overlap: off",
+           "auto": "auto: the trainer, the engines and the evaluator are all held for the "
+                   "run"}[mode]
+    problems, memory, notes = _fit_problems(cfg, cluster, shape)
     if problems and cluster.label == RUNNING:
         notes.append("an autoscaling cluster starts its nodes on demand: plan for the cluster it "
                      "grows to with --cluster / ray.cluster (e.g. 2x8xH100-80GB)")
@@ -651,9 +631,8 @@ def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
     if cfg.pipeline.warm_start.enabled:
         notes.append("the warm start trains in the driver process, on its CPUs, before anything "
                      "else starts")
-    return Plan(cluster, shape, role_asks(cfg), overlap, why,
-                "generator" in role_asks(cfg) and not pool_held(cfg, overlap),
-                phases(cfg, overlap), memory, problems, notes)
+    return Plan(cluster, shape, role_asks(cfg), overlap, why, phases(cfg), memory, problems,
+                notes)
 
 
 def _num(x: float) -> str:

@@ -9,11 +9,15 @@ Stages (docs/algorithm.md section 6), each recorded in run_dir/pipeline_state.js
     start      the start policy: model.policy, or a tiny model built for the task; then the
                optional supervised warm start on gold solutions (cached by content)
     round0/data     round 0's trajectories: sampled from the start policy, or ingested
-    round r:   reference   ref_logprobs for every shard lacking them (pi_ref = start policy)
-               train       Ray Train + DeepSpeed on data rounds 0..r (data.round_weights),
-                           from round r-1's checkpoint (policy and value model)
-               evaluate    every checkpoint of the round, by the evaluator actor (async)
-               data r+1    the generator pool, weights refreshed in place, samples round r+1
+    round r:   reference   ref_logprobs for shards lacking them: ingested data only (the
+                           engines hold pi_ref and score each chunk as they sample it)
+               train       round r on the run's one trainer (Ray Train + DeepSpeed, started
+                           once, while round 0 is sampled): data rounds 0..r
+                           (data.round_weights), continuing round r-1's policy and value model
+               data r+1    the generator pool, weights refreshed in place from the trainer's
+                           memory (the object store, no disk), samples round r+1
+    evaluate   every checkpoint the trainer commits, by the evaluator actor as they land;
+               waited for at the end (round<r>/evaluate)
 
 Before anything starts, the run's plan (dqo_ray.plan, as `python -m jobs.plan` prints it) is
 checked against the cluster (ray.cluster, else the running one's nodes): a run the cluster
@@ -21,12 +25,11 @@ cannot hold is refused with one line per problem, naming the role and the number
 then every node must see the run folder (a sentinel file read by one task per node).
 
 Overlap (pipeline.overlap): round r+1 is sampled from the policy round r started from while
-round r trains; the log reports how long both ran at once. With overlap off, a generator pool
-on GPUs is shut down after each data round, so reference scoring and Ray Train get its GPUs,
-and started again from the newest policy for the next data round. Re-running the same
-command after a crash or `ray job stop` skips every recorded stage and resumes the first
-unfinished one from its own partial work (stored prompts, Ray Train's last committed
-checkpoint).
+round r trains; the log reports how long both ran at once. The trainer's workers, the engines
+and the evaluator live for the whole run, so the plan needs room for all of them at once.
+Re-running the same command after a crash or `ray job stop` skips every recorded stage and
+resumes the first unfinished one from its own partial work (stored prompts, the trainer's last
+committed checkpoint, at the exact step).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ from dqo_ray.data.ingest import IngestError, ingest_file
 from dqo_ray.data.store import StoreError, TrajectoryStore
 from dqo_ray.data.streams import score_reference
 from dqo_ray.evaluation import read_results, write_report
-from dqo_ray.evaluation.report import PIPELINE_FILE, round_table
-from dqo_ray.io import atomic_write
+from dqo_ray.evaluation.report import round_table, write_pipeline_summary
+from dqo_ray.evaluation.round_costs import round_breakdown
+from dqo_ray.io import read_jsonl
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.plan import Plan, make_plan, model_shape, parse_cluster
 from dqo_ray.run_state import RunState, StateError
@@ -68,7 +72,7 @@ from dqo_ray.runtime import (
 from dqo_ray.storage import RunFolderNotShared
 from dqo_ray.tasks import get_task, load_problems
 from dqo_ray.tasks.items import load_items
-from dqo_ray.train.ray_trainer import train_on_store
+from dqo_ray.train.ray_trainer import RoundTrainer
 from dqo_ray.train.warm_start import warm_start
 from jobs.preflight import check_run_inputs
 
@@ -90,38 +94,50 @@ class Pipeline:
         self.pool: GeneratorPool | None = None
         self.evaluations: dict[str, Any] = {}  # stage -> ObjectRef of the evaluator's work
         self.evaluators_lost = 0
+        self.watching = False  # the evaluator follows the trainer's checkpoints
+        self.trainer: RoundTrainer | None = None
         self.overlap_notes: list[str] = []
 
     # -- stages ------------------------------------------------------------------------------
 
     def run(self) -> None:
         start = self.start = self.start_policy()
+        rounds = self.cfg.pipeline.rounds
         evaluations = ["evaluate/start"] * self.cfg.pipeline.evaluate_start + [
-            f"round{r}/evaluate" for r in range(self.cfg.pipeline.rounds)]
+            f"round{r}/evaluate" for r in range(rounds)]
         if not all(map(self.state.done, evaluations)):  # a finished run re-prints its report
             self.start_evaluator()
         if self.cfg.pipeline.evaluate_start and not self.state.done("evaluate/start"):
             self.evaluations["evaluate/start"] = self.issue_evaluation("evaluate/start")
         plan = self.plan or plan_for_run(self.cfg)
         overlap = plan.overlap
-        log.info("overlap %s (%s)%s", "on" if overlap else "off", plan.overlap_why,
-                 "; the generator pool gives its GPUs back after each data round"
-                 if plan.release_pool else "")
-        policy, value = start, None
+        log.info("overlap %s (%s)", "on" if overlap else "off", plan.overlap_why)
+        trained = [self.state.finished(f"round{r}/train") for r in range(rounds)]
+        done = [t for t in trained if t is not None]
+        policy, weights = (done[-1]["policy"] if done else start), None
+        if None in trained:  # one Ray Train run for every round still to train
+            self.trainer = RoundTrainer(self.trainer_config(start), start, self.run_dir,
+                                        latest_checkpoint=done[-1]["checkpoint"] if done
+                                        else None, rounds=rounds)
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
-            for r in range(self.cfg.pipeline.rounds):
-                self.data(r, policy, start)  # a no-op when sampled during the last round
-                if plan.release_pool:  # reference scoring and Ray Train need its GPUs
-                    self.release_pool()
-                self.reference(r, start)
-                trained = self.state.finished(f"round{r}/train")
+            for r in range(rounds):
+                if trained[r] is None and not self.ingested(r):
+                    self.trainer.start()  # its workers load their models while r is sampled
+                self.data(r, policy, weights)  # a no-op when sampled during the last round
+                self.reference(r, start)  # only data not scored as it was sampled (ingested)
+                if trained[r] is not None:
+                    continue
+                self.trainer.prepare(r, list(range(r + 1)))  # epoch 0 of round r is built now
+                self.watch()
                 sampling = None  # round r+1, sampled from `policy` while round r trains
-                if (overlap and r + 1 < self.cfg.pipeline.rounds and trained is None
-                        and not self.state.done(f"round{r + 1}/data")):
-                    sampling = background.submit(self.data, r + 1, policy, start)
-                trained = trained or self.train(r, policy, value, start, overlapping=sampling)
-                policy, value = trained["policy"], trained["value"]
-                self.evaluate(r)
+                if overlap and r + 1 < rounds and not self.state.done(f"round{r + 1}/data"):
+                    sampling = background.submit(self.data, r + 1, policy, weights)
+                trained[r], weights = self.train(r, overlapping=sampling)
+                policy = trained[r]["policy"]
+        if self.trainer is not None:
+            log.info("the trainer's worker group started %d time(s) in this run",
+                     self.trainer.starts())
+            self.trainer.close()
         self.finish()
 
     def start_policy(self) -> str:
@@ -147,16 +163,20 @@ class Pipeline:
                  ", cached" if done.get("cached") else "")
         return done["policy"]
 
-    def data(self, r: int, policy: str, start: str) -> None:
-        """Data round r: ingested (round 0, pipeline.round0 = ingest) or sampled from `policy`."""
+    def ingested(self, r: int) -> bool:
+        return r == 0 and self.cfg.pipeline.round0 == "ingest"
+
+    def data(self, r: int, policy: str, weights: Any = None) -> None:
+        """Data round r: ingested (round 0, pipeline.round0 = ingest) or sampled from `policy`
+        (`weights`: its bytes in the object store, for a refresh without disk)."""
         stage = f"round{r}/data"
         if self.state.done(stage):
             return
         began = time.perf_counter()
-        if r == 0 and self.cfg.pipeline.round0 == "ingest":
+        if self.ingested(r):
             try:
                 report = ingest_file(self.cfg.pipeline.ingest_source, self.store,
-                                     load_tokenizer(start), round=0, strict=True,
+                                     load_tokenizer(self.start), round=0, strict=True,
                                      reward_correct=self.cfg.algo.reward_correct,
                                      reward_incorrect=self.cfg.algo.reward_incorrect,
                                      max_prompt_tokens=self.cfg.data.max_prompt_tokens,
@@ -168,8 +188,9 @@ class Pipeline:
             log.info("round 0: %s", report.summary())
             return
         pool = self.generator_pool(policy)
+        refresh = 0.0
         if pool.weights != policy:
-            pool.load_weights(policy)
+            refresh = pool.load_weights(policy, weights)
         items = load_items(self.cfg.task, load_tokenizer(policy), self.cfg.run.seed)
         summary = pool.generate(items, r, policy_version=self.policy_version(policy),
                                 store=self.store)
@@ -177,98 +198,98 @@ class Pipeline:
         self.state.finish(stage, time.perf_counter() - began, source="generate", policy=policy,
                           samples=summary.samples, accuracy=summary.accuracy,
                           mean_response_tokens=summary.mean_response_tokens,
-                          tokens_per_s=summary.tokens_per_s, started=began)
+                          tokens_per_s=summary.tokens_per_s, started=began,
+                          refresh_s=refresh, refresh_from="memory" if weights is not None
+                          and refresh else "disk" if refresh else "none",
+                          ref_s=summary.ref_seconds)
 
     def reference(self, r: int, start: str) -> None:
+        """ref_logprobs for round r's shards that lack them: only ingested data (sampled rows
+        are scored by the engines as they are sampled), with the Ray Data stage."""
         stage = f"round{r}/reference"
         if self.state.done(stage):
             return
         began = time.perf_counter()
         reference = self.reference_policy(start)
         rows = score_reference(self.store, reference, load_tokenizer(start).pad_token_id,
-                               list(range(r + 1)), self.cfg.data.ref_actors,
+                               [r], self.cfg.data.ref_actors,
                                self.cfg.data.ref_batch_size, self.cfg.trainer.use_gpu)
         self.state.finish(stage, time.perf_counter() - began, rows=rows, reference=reference)
 
-    def train(self, r: int, policy: str, value: str | None, start: str,
-              overlapping: concurrent.futures.Future | None) -> dict[str, Any]:
-        cfg = self.cfg
-        round_dir = self.run_dir / f"round{r}"
-        # Round r continues round r-1's policy and value model; pi_ref stays the start policy.
-        round_cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, rounds=list(range(r + 1))),
-            model=dataclasses.replace(cfg.model, value=value or cfg.model.value,
-                                      reference=self.reference_policy(start)))
-        offset = r * cfg.trainer.max_steps
-        self.watch(r)
+    def train(self, r: int, overlapping: concurrent.futures.Future | None
+              ) -> tuple[dict[str, Any], Any]:
+        """Round r on the run's trainer; returns its record and the policy's weights."""
+        assert self.trainer is not None
         began = time.perf_counter()
-        log.info("round %d: training %d steps from %s%s", r, cfg.trainer.max_steps, policy,
+        log.info("round %d: training %d steps%s", r, self.cfg.trainer.max_steps,
                  f" while round {r + 1} is sampled" if overlapping else "")
-        result = train_on_store(round_cfg, policy, run_dir=str(round_dir))
+        result = self.trainer.train_round(r, list(range(r + 1)))
         ended = time.perf_counter()
-        self.evaluations[f"round{r}/evaluate"] = self.evaluator.stop_watching.remote(
-            str(round_dir))  # a lost evaluator is replaced when this is waited for
         if overlapping is not None:
             overlapping.result()  # the sampled round must be complete before it is trained on
             self.note_overlap(r, began, ended)
         done = {"checkpoint": result.checkpoint, "policy": result.policy,
-                "value": f"{result.checkpoint}/value", "step": offset + cfg.trainer.max_steps,
+                "value": f"{result.checkpoint}/value",
+                "step": (r + 1) * self.cfg.trainer.max_steps, "started": began,
                 "metrics": {k: v for k, v in result.metrics.items()
                             if isinstance(v, int | float)}}
         self.state.finish(f"round{r}/train", ended - began, **done)
-        return done
-
-    def evaluate(self, r: int) -> None:
-        """Makes sure round r's checkpoints are (being) evaluated; after a restart the
-        evaluator is new, so an unrecorded round is followed again (results.jsonl keeps it
-        from scoring a checkpoint twice)."""
-        stage = f"round{r}/evaluate"
-        if stage not in self.evaluations and not self.state.done(stage):
-            self.evaluations[stage] = self.issue_evaluation(stage)
+        costs = round_breakdown(self.state.stages, read_jsonl(self.run_dir / "train_metrics.jsonl"))
+        row = next(row for row in costs["rounds"] if row["round"] == r)
+        log.info("round %d trained in %.0fs: steps %.0fs, to the first step %.0fs, checkpoints "
+                 "%.0fs, other %.0fs | its data: sampled in %.0fs (%.0fs with no training "
+                 "beside it), engines refreshed in %.2fs", r, ended - began, row["steps"],
+                 row["start"], row["checkpoint"], row["other"], row["sampling"], row["exposed"],
+                 row["refresh"])
+        return done, result.weights
 
     def finish(self) -> None:
         self.release_pool()
+        rounds = [f"round{r}/evaluate" for r in range(self.cfg.pipeline.rounds)]
+        if not all(map(self.state.done, rounds)):
+            self.watch()  # (again, after a restart: results.jsonl keeps what was scored)
+            self.evaluations["rounds"] = self.evaluator.stop_watching.remote(str(self.run_dir))
         began = time.perf_counter()
-        for stage in self.evaluations:
-            log.info("waiting for the evaluator: %s", stage)
+        for key in list(self.evaluations):
+            log.info("waiting for the evaluator: %s", key)
             while True:
                 try:
-                    ray.get(self.evaluations[stage])
+                    ray.get(self.evaluations[key])
                     break
                 except ray.exceptions.RayActorError as exc:
                     self.replace_evaluator(exc)
-            self.state.finish(stage, time.perf_counter() - began)
-        write_pipeline_summary(self.run_dir, self.state, self.overlap_notes)
+            for stage in rounds if key == "rounds" else [key]:
+                self.state.finish(stage, time.perf_counter() - began)
+        write_pipeline_summary(self.run_dir, self.state.stages, self.overlap_notes)
         write_report(self.run_dir, title=f"DQO pipeline: {self.cfg.run.name}")
 
     # -- the evaluator: one actor, replaced when it (or its node) is lost ----------------------
 
     def start_evaluator(self) -> None:
         self.evaluator = start_evaluator(self.cfg, self.start, str(self.run_dir))
+        self.watching = False
         record_placement(self.run_dir, "evaluator", self.evaluators_lost,
                          ray.get(self.evaluator.where.remote()))
 
-    def watch(self, r: int) -> None:
-        """Has the evaluator follow round r's checkpoints as they are written. Waited for: the
-        evaluator is a threaded actor, so calls are not run in order, and the watch must be in
-        place before the stop_watching sent after training."""
-        round_dir = str(self.run_dir / f"round{r}")
+    def watch(self) -> None:
+        """Has the evaluator follow the trainer's checkpoints as they are committed (once).
+        Waited for: the evaluator is a threaded actor, so calls are not run in order, and the
+        watch must be in place before the stop_watching sent at the end."""
+        if self.watching:
+            return
         try:
-            ray.get(self.evaluator.watch.remote(round_dir, r, 1.0, r * self.cfg.trainer.max_steps))
+            ray.get(self.evaluator.watch.remote(str(self.run_dir)))
+            self.watching = True
         except ray.exceptions.RayActorError as exc:
             self.replace_evaluator(exc)
-            self.watch(r)
+            self.watch()
 
     def issue_evaluation(self, stage: str) -> Any:
-        """The evaluator's work for a stage whose checkpoints all exist: the start policy, or
-        every checkpoint of a trained round (results.jsonl keeps any from being scored twice)."""
-        if stage == "evaluate/start":
-            if any(row.get("checkpoint") == self.start for row in read_results(self.run_dir)):
-                return ray.put([])  # scored before a restart or a lost evaluator
-            return self.evaluator.evaluate.remote(self.start, 0, None)
-        r = int(stage.removeprefix("round").split("/")[0])
-        self.watch(r)
-        return self.evaluator.stop_watching.remote(str(self.run_dir / f"round{r}"))
+        """The evaluator's work for the start policy (unless scored before a restart or a lost
+        evaluator: results.jsonl says)."""
+        if any(row.get("checkpoint") == self.start for row in read_results(self.run_dir)):
+            return ray.put([])
+        return self.evaluator.evaluate.remote(self.start, 0, None)
 
     def replace_evaluator(self, exc: Exception) -> None:
         """A new evaluator (on any node with room) that redoes the unfinished evaluations."""
@@ -277,20 +298,25 @@ class Pipeline:
             raise RuntimeError(f"the evaluator was lost {self.evaluators_lost} times, more "
                                f"than eval.max_restarts={self.cfg.eval.max_restarts} (last: "
                                f"{type(exc).__name__}: {exc})") from exc
-        pending = [stage for stage in self.evaluations if not self.state.done(stage)]
+        watched = self.watching
+        pending = [key for key in self.evaluations
+                   if not self.state.done("round0/evaluate" if key == "rounds" else key)]
         log.warning("evaluator lost (%s, its node may be gone): starting a new one; it redoes "
                     "%s", type(exc).__name__, ", ".join(pending) or "nothing yet")
         self.start_evaluator()
-        for stage in pending:
-            self.evaluations[stage] = self.issue_evaluation(stage)
+        if watched or "rounds" in pending:
+            self.watch()
+        for key in pending:
+            self.evaluations[key] = (self.issue_evaluation(key) if key == "evaluate/start" else
+                                     self.evaluator.stop_watching.remote(str(self.run_dir)))
 
     # -- helpers -----------------------------------------------------------------------------
 
     def generator_pool(self, policy: str) -> GeneratorPool:
         """The pool, started from `policy` when there is none (the first data round, or the
         next one after `release_pool`)."""
-        if self.pool is None:
-            self.pool = GeneratorPool(self.cfg, policy)
+        if self.pool is None:  # its engines score samples with pi_ref as they go
+            self.pool = GeneratorPool(self.cfg, policy, self.reference_policy(self.start))
             for i, actor in enumerate(self.pool.actors):
                 record_placement(self.run_dir, "generator", i, ray.get(actor.where.remote()))
         return self.pool
@@ -300,6 +326,13 @@ class Pipeline:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+
+    def trainer_config(self, start: str) -> Config:
+        """The trainer's: pi_ref is the start policy unless model.reference names one; each
+        round names its data rounds itself."""
+        return dataclasses.replace(
+            self.cfg, data=dataclasses.replace(self.cfg.data, rounds=[]),
+            model=dataclasses.replace(self.cfg.model, reference=self.reference_policy(start)))
 
     def reference_policy(self, start: str) -> str:
         """pi_ref: model.reference, else the start policy (the warm start when there is one)."""
@@ -340,20 +373,6 @@ def task_vocabulary(cfg: Config) -> list[str]:
         texts += [p.question for p in load_problems(name, cfg.eval.sources.get(name),
                                                     cfg.eval.split, cfg.eval.limit)]
     return sorted({w for text in texts for w in re.findall(r"[A-Za-z]+", text)})
-
-
-def write_pipeline_summary(run_dir: Path, state: RunState, overlap: list[str]) -> Path:
-    """run_dir/pipeline.md: the stages with their timings and counts (report.md includes it)."""
-    lines = ["## Pipeline stages", "", "| stage | seconds | attempt | result |",
-             "| --- | ---: | ---: | --- |"]
-    for stage, record in state.stages.items():
-        result = {k: v for k, v in record["result"].items() if k not in ("metrics", "started")}
-        text = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in result.items())
-        lines.append(f"| {stage} | {record['seconds']:.1f} | {record['attempt']} | {text} |")
-    if overlap:
-        lines += ["", "Overlap: " + "; ".join(overlap) + "."]
-    return atomic_write(run_dir / PIPELINE_FILE, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -430,7 +430,7 @@ def test_replaced_engines_give_their_placement_group_back(monkeypatch):
     monkeypatch.setattr(pg_module, "remove_placement_group", removed.append)
     monkeypatch.setattr(generator.ray, "remote", lambda cls: FakeActorClass())
     pool = generator.GeneratorPool.__new__(generator.GeneratorPool)
-    pool.cfg, pool.model_path, pool.weights = load_config(None), "m", "m"
+    pool.cfg, pool.model_path, pool.weights, pool.reference = load_config(None), "m", "m", None
     pool.groups = {0: "group-0", 1: "group-1"}
     assert pool._spawn(0) == "new actor"  # the replacement of slot 0's dead engine
     assert removed == ["group-0"] and pool.groups == {1: "group-1"}

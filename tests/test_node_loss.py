@@ -101,10 +101,9 @@ def test_pipeline_survives_losing_a_node_while_generating_and_one_while_training
     killed_a = time.time()
 
     # (b) Round 0 is training and Ray Train has committed a checkpoint: lose the trainer's node.
-    round0 = run / "round0"
-    _until(lambda: _committed(round0 / "train"), "round 0's first committed checkpoint", job,
+    _until(lambda: _committed(run / "train"), "round 0's first committed checkpoint", job,
            address)
-    trainer = [p for p in read_jsonl(round0 / "placement.jsonl") if p["role"] == "train-worker"]
+    trainer = [p for p in read_jsonl(run / "placement.jsonl") if p["role"] == "train-worker"]
     lost_b = _worker_node_of(trainer[-1]["pid"])
     _script("kill-node", str(lost_b))
     killed_b = time.time()
@@ -120,10 +119,10 @@ def test_pipeline_survives_losing_a_node_while_generating_and_one_while_training
     assert len(rows["traj_id"]) == len(set(rows["traj_id"])) == PROMPTS * SAMPLES
     assert set(Counter(rows["prompt_id"]).values()) == {SAMPLES}
     # No row trained twice within an epoch; every step trained.
-    assert_exact_epoch_accounting(round0 / "ledger", STEPS, world=1)
-    records = list(read_jsonl(round0 / "ledger" / "rank0.jsonl"))
+    assert_exact_epoch_accounting(run / "ledger", STEPS, world=1)
+    records = list(read_jsonl(run / "ledger" / "rank0.jsonl"))
     redone = [rec for rec in records if rec["time"] > killed_b]
-    kept = final_history(round0 / "ledger")[0]
+    kept = final_history(run / "ledger")[0]
     repeated = sorted({rec["step"] for rec in records if rec["time"] <= killed_b}
                       & {rec["step"] for rec in redone})
     # Ray Train restarted the trainer from its last committed checkpoint (step 4 or later).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import types
 
 import pytest
 from conftest import REPO
@@ -123,14 +124,15 @@ def test_a_plan_that_fits_with_overlap():
     plan = plan_of([*GPU_RUN, "trainer.num_workers=4", "generation.num_engines=3",
                     "data.ref_actors=4"], "1x8xH100-80GB")
     assert plan.ok, plan.refusal()
-    assert plan.overlap and not plan.release_pool
-    assert "auto: the trainer, the engines and the evaluator fit at once" in plan.overlap_why
+    assert plan.overlap
+    assert "auto: the trainer, the engines and the evaluator are all held" in plan.overlap_why
     asks = plan.asks
     assert (asks["trainer"].count, asks["trainer"].gpus) == (4, 1)
     assert (asks["generator"].count, asks["generator"].gpus) == (3, 1)
     assert (asks["evaluator"].gpus, asks["reference"].gpus, asks["reference"].count) == (1, 1, 4)
-    assert [a.role for a in plan.phases["train"]] == ["trainer", "ray-data", "evaluator",
-                                                      "generator"]
+    assert [a.role for a in plan.phases["run"]] == ["trainer", "ray-data", "evaluator",
+                                                    "generator"]
+    assert list(plan.phases) == ["run"]  # round 0 is sampled: no Ray Data reference stage
     trainer = next(m for m in plan.memory if m.role == "trainer")
     assert 10 < trainer.total < 80 and trainer.parts["optimizer"] > trainer.parts["gradients"]
     text = plan.render("t")
@@ -140,7 +142,7 @@ def test_a_plan_that_fits_with_overlap():
 def test_a_plan_that_does_not_fit_names_the_role_and_numbers():
     # 8 train workers + the evaluator's GPU = 9 GPUs at once on 8, whatever overlap does
     plan = plan_of([*GPU_RUN, "trainer.num_workers=8", "generation.num_engines=2"], "1x8xH100")
-    assert not plan.ok and not plan.overlap and plan.release_pool
+    assert not plan.ok
     [problem] = plan.problems
     assert problem == ("phase train needs trainer 8 x (1 GPU, 0.5 CPUs) + ray-data 1 x (1 CPU)"
                        " + evaluator 1 x (1 GPU, 1 CPU) = 9 GPUs, 6 CPUs at once; 1x8xH100 has "
@@ -183,22 +185,33 @@ def test_an_engine_whose_kv_cache_cannot_hold_one_sequence_is_refused():
          "generation.gpu_memory_utilization=0.7"], "1x4xL4").problems)
 
 
-def test_overlap_auto_turns_off_and_the_pool_gives_its_gpus_back():
-    """4 workers + 4 engines + the evaluator = 9 GPUs: not at once on 8; with the pool released
-    during reference scoring and training every phase fits."""
+def test_the_trainer_engines_and_evaluator_must_fit_at_once_whatever_overlap_says():
+    """4 workers + 4 engines + the evaluator = 9 GPUs: the trainer lives for the whole run,
+    so no setting of pipeline.overlap makes them take turns on 8."""
     overrides = [*GPU_RUN, "trainer.num_workers=4", "generation.num_engines=4",
                  "data.ref_actors=4"]
-    plan = plan_of(overrides, "1x8xH100")
-    assert plan.ok and not plan.overlap and plan.release_pool
-    assert "do not all fit at once" in plan.overlap_why
-    assert "generator" not in [a.role for a in plan.phases["train"]]
-    assert "released after each data round" in plan.render()
-    forced = plan_of([*overrides, "pipeline.overlap=on"], "1x8xH100")
-    assert not forced.ok and forced.overlap
-    assert any("pipeline.overlap: off (or auto) would fit" in n for n in forced.notes)
-    # a CPU-only pool is kept (and counted) with overlap off
+    for mode in ("auto", "off"):
+        plan = plan_of([*overrides, f"pipeline.overlap={mode}"], "1x8xH100")
+        assert not plan.ok and plan.overlap == (mode == "auto")
+        assert plan.problems[0].startswith("phase run needs trainer 4 x (1 GPU")
+    # round 0 ingested: the Ray Data reference stage runs before the trainer starts
+    ingest = plan_of([*GPU_RUN, "pipeline.round0=ingest", "pipeline.ingest_source=x.jsonl",
+                      "trainer.num_workers=4", "generation.num_engines=3",
+                      "data.ref_actors=4"], "1x8xH100")
+    assert ingest.ok and list(ingest.phases) == ["reference", "run"]
+    # a CPU-only pool is counted in the run phase
     cpu = plan_of(["pipeline.overlap=off"], "1x8xH100")
-    assert not cpu.release_pool and "generator" in [a.role for a in cpu.phases["train"]]
+    assert "generator" in [a.role for a in cpu.phases["run"]]
+
+
+def test_pi_ref_must_fit_beside_vllm_on_an_engine_gpu():
+    plan = plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct", "trainer.zero_stage=3",
+                    "trainer.num_workers=4", "trainer.micro_batch_size=2",
+                    "generation.gpu_memory_utilization=0.9", "data.ref_batch_size=16"],
+                   "1x8xH100")
+    [problem] = [p for p in plan.problems if p.startswith("reference")]
+    assert "more than the 8 GiB left beside vLLM on an H100" in problem
+    assert "lower data.ref_batch_size or generation.gpu_memory_utilization" in problem
 
 
 def test_tensor_parallel_engines_need_their_gpus_on_one_node():
@@ -231,7 +244,7 @@ def test_gpu_recipes_fit_their_clusters(recipe, cluster, capsys):
     out = capsys.readouterr().out
     assert "fits: yes" in out and "overlap: on" in out
     plan = plan_of([], cluster, path)
-    used = sum(a.count * a.gpus for a in plan.phases["train"])
+    used = sum(a.count * a.gpus for a in plan.phases["run"])
     assert used == plan.cluster.gpus  # every GPU has work while training
     assert not plan.notes or all("queue" not in n and "fill" not in n for n in plan.notes)
 
@@ -267,56 +280,71 @@ def test_pipeline_refuses_the_same_plan_before_starting_anything(tmp_path, capsy
     assert not started and not any(tmp_path.iterdir())  # neither Ray nor the run folder
 
 
-def test_pipeline_releases_the_pool_between_data_and_reference(monkeypatch, tmp_path):
-    """overlap off with engines on GPUs: the pool is shut down after each data round and
-    started again (from the newest policy) for the next."""
+def test_pipeline_starts_one_trainer_and_feeds_it_round_by_round(monkeypatch, tmp_path):
+    """The driver's order: one trainer, started before round 0 is sampled (its workers load
+    while the engines sample); each round's epoch planned as soon as its data is stored;
+    round r+1 sampled while round r trains, refreshed from the trainer's weights in memory;
+    the trainer closed at the end."""
+    from dqo_ray.run_state import RunState
     from jobs import pipeline
 
-    cfg = load_config(None, [*GPU_RUN, "trainer.num_workers=4", "generation.num_engines=4",
-                             "pipeline.rounds=2", f"run.output_dir={tmp_path}",
+    cfg = load_config(None, ["pipeline.rounds=3", f"run.output_dir={tmp_path}",
                              "pipeline.evaluate_start=false"])
-    plan = make_plan(cfg, parse_cluster("1x8xH100"), model_shape(cfg.model))
-    assert plan.release_pool
     events: list[str] = []
+    sampled: dict[int, str] = {}
 
-    class FakePool:
-        def __init__(self, cfg, policy):
-            events.append(f"pool from {policy}")
-            self.actors, self.weights = [], policy
+    class FakeTrainer:
+        def __init__(self, cfg, policy, run_dir, latest_checkpoint=None, rounds=1):
+            events.append(f"trainer from {policy}")
 
-        def shutdown(self):
-            events.append("pool shut down")
+        def start(self):
+            events.append("start")
 
-    class FakeEvaluator:
-        class where:
-            @staticmethod
-            def remote():
-                return {}
+        def prepare(self, r, rounds):
+            events.append(f"prepare {r} on {rounds}")
 
-    monkeypatch.setattr(pipeline, "GeneratorPool", FakePool)
-    monkeypatch.setattr(pipeline, "start_evaluator", lambda *a: FakeEvaluator())
-    monkeypatch.setattr(pipeline, "record_placement", lambda *a: None)
-    monkeypatch.setattr(pipeline.ray, "get", lambda ref: ref)
-    monkeypatch.setattr(pipeline, "read_results", lambda run_dir: [])
-    from dqo_ray.run_state import RunState
+        def train_round(self, r, rounds):
+            assert f"data {r}" in events[-3:] or r in sampled  # its data is there
+            events.append(f"train {r}")
+            return types.SimpleNamespace(checkpoint=f"ckpt{r}", policy=f"ckpt{r}/policy",
+                                         metrics={}, weights=f"weights{r}")
 
-    p = pipeline.Pipeline(cfg, RunState(cfg.run.run_dir, {}), plan)
+        def close(self):
+            events.append("closed")
+
+        def starts(self):
+            return 1
+
+    p = pipeline.Pipeline(cfg, RunState(cfg.run.run_dir, {}),
+                          make_plan(cfg, parse_cluster("1x8xH100"), None))
+    monkeypatch.setattr(pipeline, "RoundTrainer", FakeTrainer)
     monkeypatch.setattr(p, "start_policy", lambda: "start")
+    monkeypatch.setattr(p, "start_evaluator", lambda: None)
+    monkeypatch.setattr(p, "watch", lambda: None)
+    monkeypatch.setattr(p, "finish", lambda: events.append("finish"))
+    monkeypatch.setattr(p, "reference", lambda r, start: None)
+    monkeypatch.setattr(pipeline, "round_breakdown", lambda *a: {"rounds": [
+        dict.fromkeys(["steps", "start", "checkpoint", "other", "sampling", "exposed",
+                       "refresh"], 0) | {"round": r} for r in range(3)]})
 
-    def data(r, policy, start):
-        p.generator_pool(policy)
-        events.append(f"data {r} from {policy}")
+    def data(r, policy, weights=None):
+        if r in sampled:
+            return
+        sampled[r] = f"{policy} ({weights or 'no weights'})"
+        if r == 0:
+            events.append("data 0")
+        p.state.finish(f"round{r}/data", 0.0)
 
     monkeypatch.setattr(p, "data", data)
-    monkeypatch.setattr(p, "reference", lambda r, start: events.append(f"reference {r}"))
-    monkeypatch.setattr(p, "train", lambda r, policy, value, start, overlapping: (
-        events.append(f"train {r}"), {"policy": f"policy{r}", "value": None})[1])
-    monkeypatch.setattr(p, "evaluate", lambda r: None)
-    monkeypatch.setattr(p, "finish", lambda: p.release_pool())
     p.run()
-    assert events == ["pool from start", "data 0 from start", "pool shut down", "reference 0",
-                      "train 0", "pool from policy0", "data 1 from policy0", "pool shut down",
-                      "reference 1", "train 1"]
+    assert events == ["trainer from start", "start", "data 0", "prepare 0 on [0]", "train 0",
+                      "start", "prepare 1 on [0, 1]", "train 1", "start",
+                      "prepare 2 on [0, 1, 2]", "train 2", "closed", "finish"]
+    # round r+1 sampled while round r trained, from round r's start policy; from round 1 on
+    # the engines take the trainer's weights from memory
+    assert sampled == {0: "start (no weights)", 1: "start (no weights)",
+                       2: "ckpt0/policy (weights0)"}
+    assert p.state.finished("round2/train")["checkpoint"] == "ckpt2"
 
 
 # -- configuration -----------------------------------------------------------------------------

@@ -264,6 +264,44 @@ def test_vllm_greedy_matches_hf(checkpoint, policy, tok):
                                    atol=VLLM_LOGPROB_TOL, rtol=0)
 
 
+def test_vllm_refresh_from_memory_equals_one_from_disk(checkpoint, policy, tok, tmp_path):
+    """The trainer's weights as safetensors bytes (no disk) give the engine the same model as
+    the same weights written to a folder and read back; both refreshes are timed."""
+    pytest.importorskip("vllm")
+    import time
+
+    from actors.engines import SamplingSpec, make_engine
+    from dqo_ray.models.weights import weights_blob
+
+    trained = load_policy(checkpoint)
+    with torch.no_grad():  # "a round of training": every weight moved a little
+        for p in trained.parameters():
+            p.mul_(1.01)
+    prompts = [_chat_ids(tok, q) for q in QUESTIONS]
+    spec = SamplingSpec(n=1, temperature=0, max_new_tokens=MAX_NEW)
+    engine = make_engine("vllm", str(checkpoint), kv_cache_gb=1.0, seed=0)
+    try:
+        began = time.perf_counter()
+        blob = weights_blob(trained.state_dict())
+        engine.load_weights(blob)
+        memory_s = time.perf_counter() - began
+        from_memory = engine.generate(prompts, spec)
+        began = time.perf_counter()
+        trained.save_pretrained(tmp_path / "trained")
+        tok.save_pretrained(tmp_path / "trained")
+        engine.load_weights(str(tmp_path / "trained"))
+        disk_s = time.perf_counter() - began
+        from_disk = engine.generate(prompts, spec)
+    finally:
+        engine.close()
+    print(f"\nSmolLM2-135M refresh: from memory {memory_s:.2f}s ({len(blob) / 2**20:.0f} MiB "
+          f"of safetensors bytes), through a folder {disk_s:.2f}s (write + read)")
+    for a, b, prompt in zip(from_memory, from_disk, prompts, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        n = min(AGREE_TOKENS, len(a[0].token_ids))
+        assert a[0].token_ids[:n] == _hf_greedy(trained, prompt, MAX_NEW)[:n]
+
+
 def test_smoke_config_loads(checkpoint):
     from dqo_ray.config import load_config
 
@@ -277,7 +315,7 @@ def test_smoke_config_loads(checkpoint):
 
 @pytest.mark.slow
 def test_one_pipeline_round_on_smollm2(checkpoint, tmp_path):
-    """The issue's real-model smoke: generate on 16 GSM8K train problems -> reference stage ->
+    """The issue's real-model smoke: generate (and score with pi_ref) 16 GSM8K train problems ->
     2 DQO steps -> evaluate on 16 GSM8K test problems, as the pipeline job does it."""
     import subprocess
     import sys
@@ -293,7 +331,8 @@ def test_one_pipeline_round_on_smollm2(checkpoint, tmp_path):
     run = tmp_path / "smollm2-smoke"
     stages = json.loads((run / "pipeline_state.json").read_text())["stages"]
     assert stages["round0/data"]["result"]["samples"] == 16 * 2
-    assert stages["round0/reference"]["result"]["rows"] == 16 * 2
+    assert stages["round0/reference"]["result"]["rows"] == 0  # the engines scored them
+    assert stages["round0/data"]["result"]["ref_s"] > 0
     train = stages["round0/train"]["result"]
     assert train["step"] == 2 and (Path(train["policy"]) / "model.safetensors").exists()
     results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]

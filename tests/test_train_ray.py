@@ -397,8 +397,9 @@ def test_planner_builds_again_an_epoch_whose_build_lost_its_node():
         def __init__(self) -> None:  # the parts split() uses, without a store
             self._pool = concurrent.futures.ThreadPoolExecutor(1)
             self._builds, self._lock, self.run_rows = {}, threading.Lock(), 5
+            self._shards, self._rounds = {0: []}, {0: None}
 
-        def _build(self, epoch: int) -> list:
+        def _build(self, round: int, epoch: int) -> list:
             calls.append(epoch)
             if len(calls) == 1:
                 raise ray.exceptions.ActorDiedError()

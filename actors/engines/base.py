@@ -89,10 +89,18 @@ class GenerationEngine(Protocol):
         prompt order."""
         ...
 
-    def load_weights(self, checkpoint_dir: str) -> None:
-        """Refresh the weights in place from an HF checkpoint folder (local path or URI) with
-        the same architecture and tokenizer; no restart."""
+    def load_weights(self, source: str | bytes) -> None:
+        """Refresh the weights in place, with no restart, from an HF checkpoint folder (local
+        path or URI) or from safetensors bytes (`dqo_ray.models.weights.weights_blob`, the
+        trainer's weights in memory) of the same architecture and tokenizer."""
         ...
+
+
+def describe_weights(source: str | bytes) -> str:
+    """For log lines: the folder, or the size of the weights handed over in memory."""
+    if isinstance(source, bytes):
+        return f"memory ({len(source) / 2**20:.1f} MiB)"
+    return str(source)
 
 
 def materialise(uri: str, dest: str | os.PathLike) -> str:

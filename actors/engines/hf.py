@@ -21,8 +21,9 @@ import random
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from actors.engines.base import Sample, SamplingSpec, local_checkpoint
+from actors.engines.base import Sample, SamplingSpec, describe_weights, local_checkpoint
 from dqo_ray.models import load_policy, load_tokenizer, resolve_dtype
+from dqo_ray.models.weights import load_blob
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,18 @@ class HFEngine:
             eos_token_id=sorted(eos), pad_token_id=self.tokenizer.pad_token_id)
         self.model = model
 
-    def load_weights(self, checkpoint_dir: str) -> None:
-        with local_checkpoint(checkpoint_dir) as local:
-            self._load_model(local)
-        log.info("HF engine: weights reloaded from %s", checkpoint_dir)
+    def load_weights(self, source: str | bytes) -> None:
+        if isinstance(source, bytes):
+            state = load_blob(source)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            tied = self.model.config.tie_word_embeddings
+            if unexpected or (missing and not (tied and set(missing) <= {"lm_head.weight"})):
+                raise ValueError(f"weights do not fit this model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        else:
+            with local_checkpoint(source) as local:
+                self._load_model(local)
+        log.info("HF engine: weights reloaded from %s", describe_weights(source))
 
     # ------------------------------------------------------------------ generation
 

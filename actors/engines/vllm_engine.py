@@ -9,9 +9,12 @@ of exactly the distribution the token was drawn from, renormalised over the nucl
 all-greedy batch it is log_softmax of the untempered logits. `SamplingParams(logprobs=0)` asks
 for the sampled token's log-prob only. tests/test_engines.py checks both against an HF forward.
 
-Weight refresh without restart: the workers' `reload_weights(weights_path=...)`, then (on CPU,
-tied embeddings) re-packing the LM head, see `DQOWorkerExtension`; then `reset_prefix_cache()`
-(without it, cached KV blocks computed by the old weights are reused).
+Weight refresh without restart: the workers' `reload_weights`, from a checkpoint folder or from
+the trainer's safetensors bytes (no disk: `weights_iterator`), then (on CPU, tied embeddings)
+re-packing the LM head, see `DQOWorkerExtension`; then `reset_prefix_cache()` (without it,
+cached KV blocks computed by the old weights are reused). On GPUs the bytes travel through
+Ray's object store and vLLM's RPC: correct, but copies; a NCCL broadcast from the trainer is
+the faster path and is not written yet.
 
 Scripts that start this engine need the `if __name__ == "__main__":` guard (vLLM may spawn).
 """
@@ -29,7 +32,13 @@ from typing import Any
 
 import torch
 
-from actors.engines.base import Sample, SamplingSpec, local_checkpoint, materialise
+from actors.engines.base import (
+    Sample,
+    SamplingSpec,
+    describe_weights,
+    local_checkpoint,
+    materialise,
+)
 from dqo_ray.device import resolve_dtype_name
 from dqo_ray.io import is_uri
 
@@ -43,7 +52,8 @@ class DQOWorkerExtension:
     by name through `collective_rpc` (no pickled callables: works with the multiprocess
     engine without VLLM_ALLOW_INSECURE_SERIALIZATION)."""
 
-    def dqo_reload_weights(self, weights_path: str) -> int:
+    def dqo_reload_weights(self, weights_path: str | None = None,
+                           blob: bytes | None = None) -> int:
         """`reload_weights`, then the post-load processing of embedding / LM-head layers again.
 
         With tied embeddings the checkpoint holds no lm_head weight, so the in-place reload
@@ -56,7 +66,12 @@ class DQOWorkerExtension:
             UnquantizedEmbeddingMethod,
         )
 
-        self.reload_weights(weights_path=weights_path)
+        if blob is not None:  # the trainer's weights, handed over in memory
+            from safetensors.torch import load
+
+            self.reload_weights(weights_iterator=iter(load(blob).items()))
+        else:
+            self.reload_weights(weights_path=weights_path)
         count = 0
         for module in self.model_runner.get_model().modules():
             method = getattr(module, "quant_method", None)
@@ -137,11 +152,14 @@ class VLLMEngine:
         log.info("vLLM engine: %s (%s, %s, logprobs_mode=%s)", model_path, dtype,
                  "cpu" if on_cpu else current_platform.device_name, LOGPROBS_MODE)
 
-    def load_weights(self, checkpoint_dir: str) -> None:
-        with local_checkpoint(checkpoint_dir) as local:
-            self.llm.collective_rpc("dqo_reload_weights", kwargs={"weights_path": local})
+    def load_weights(self, source: str | bytes) -> None:
+        if isinstance(source, bytes):
+            self.llm.collective_rpc("dqo_reload_weights", kwargs={"blob": source})
+        else:
+            with local_checkpoint(source) as local:
+                self.llm.collective_rpc("dqo_reload_weights", kwargs={"weights_path": local})
         self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
-        log.info("vLLM engine: weights reloaded from %s", checkpoint_dir)
+        log.info("vLLM engine: weights reloaded from %s", describe_weights(source))
 
     def _request_seed(self, spec_seed: int, prompt_index: int) -> int:
         # vLLM gives sample j of a request the seed `seed + j`; mixing (spec seed, prompt index)

@@ -1,11 +1,14 @@
 """Ray Data pipelines over the trajectory store: reference scoring and training streams.
 
-    reference stage   read_parquet(shards lacking ref_logprobs) -> map_batches(ReferenceScorer,
-                      actor pool, GPU when present) -> driver merges per shard ->
-                      store.replace_shard (so the reference model runs once per trajectory)
-    training stream   EpochPlanner actor, once per epoch for all ranks: read_parquet(rounds)
-                      -> map_batches(mix rounds, order keys) -> sort(order key) -> materialize
-                      -> split(world, equal=True); epoch e+1 is built while e trains.
+    reference stage   (ingested data only: sampled rows are scored by the engines that sample
+                      them) read_parquet(shards lacking ref_logprobs) -> map_batches(
+                      ReferenceScorer, actor pool, GPU when present) -> driver merges per
+                      shard -> store.replace_shard (pi_ref runs once per trajectory)
+    training stream   EpochPlanner actor, one for the run, once per (round, epoch) for all
+                      ranks: read_parquet(the round's data rounds) -> map_batches(mix rounds,
+                      order keys) -> sort(order key) -> materialize -> split(world,
+                      equal=True); a round's epoch 0 is built as soon as its data is stored,
+                      epoch e+1 while e trains.
                       DPO (pairs=True): ... -> groupby(prompt_id) -> map_groups(
                       preference_pairs) -> sort(order key, pair_pos) -> split into
                       contiguous ranges of even length (pairs never cut).
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["traj_id", "round", "prompt_ids", "response_ids", "behaviour_logprobs",
                  "ref_logprobs", "reward", "correct", "finish_reason", "step_ends",
                  "step_rewards", "step_values"]
+
+
+ROWS_PER_PARTITION = 50_000  # rows per hash partition of an epoch's groupby
 
 
 def _deterministic_context() -> None:
@@ -80,9 +87,12 @@ def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
     if not (pairs or balanced):
         return ds.sort("order_key")
     # A prompt's rows may sit in any block: group them first, then select within the group.
-    ds = ds.groupby("prompt_id").map_groups(preference_pairs if pairs else balanced_groups,
-                                            batch_format="pyarrow",
-                                            fn_kwargs={"seed": seed, "epoch": epoch})
+    # Ray's default of 200 hash partitions costs ~80 s for a few thousand rows on 2 CPUs (and
+    # the sort after it then shuffles 200 blocks): partitions grow with the data instead.
+    partitions = max(1, math.ceil(sum(s.num_rows for s in shards) / ROWS_PER_PARTITION))
+    ds = ds.groupby("prompt_id", num_partitions=partitions).map_groups(
+        preference_pairs if pairs else balanced_groups, batch_format="pyarrow",
+        fn_kwargs={"seed": seed, "epoch": epoch})
     return ds.sort(["order_key", "pair_pos"] if pairs else "order_key")
 
 
@@ -103,14 +113,17 @@ class TrajectoryCollate(NumpyBatchCollateFn):
 class EpochPlanner:
     """Builds each epoch's ordered data once for all ranks and hands out equal splits.
 
-    Run as a Ray actor (`planner_actor`). One shuffle per epoch instead of one per rank, and
-    the next epoch is built in the background while the current one trains, so the fixed
-    latency of a Ray Data pipeline (seconds) is hidden once an epoch outlasts it. The epoch
-    is materialised in the object store (spilled to disk when large). `split(equal=True)`
-    drops at most world-1 rows so that every rank gets the same number of steps; with
-    pairs, each rank gets the same even number of rows and at most world-1 pairs drop.
-    `run_rows` (rows the run consumes in all) stops the prefetch past the last epoch the run
-    reaches, estimated from the current epoch's size: a wrong guess costs latency only.
+    Run as a Ray actor (`planner_actor`) that lives for the whole run: `plan_round(r, rounds)`
+    names the data rounds training round r reads and starts building its first epoch at once
+    (the pipeline calls it as soon as round r's data is stored, so the build overlaps the
+    previous round's training); the constructor's `rounds` plan round 0. One shuffle per epoch
+    instead of one per rank, and epoch e+1 is built in the background while e trains. The
+    epoch is materialised in the object store (spilled to disk when large); only the current
+    and the next epoch of the newest rounds are kept. `split(equal=True)` drops at most
+    world-1 rows so that every rank gets the same number of steps; with pairs, each rank gets
+    the same even number of rows and at most world-1 pairs drop. `run_rows` (rows one round
+    consumes) stops the prefetch past the last epoch the round reaches, estimated from the
+    current epoch's size: a wrong guess costs latency only.
     """
 
     def __init__(self, store_root: str, rounds: Sequence[int] | None,
@@ -120,21 +133,36 @@ class EpochPlanner:
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = TrajectoryStore(store_root)
-        self.shards = self.store.shards(rounds)
         self.weights, self.seed, self.world_size = dict(weights), seed, world_size
         self.pairs, self.run_rows, self.balanced = pairs, run_rows, balanced
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-planner")
-        self._builds: dict[int, Any] = {}
+        self._shards: dict[int, list[ShardInfo]] = {}  # training round -> its shards
+        self._rounds: dict[int, list[int] | None] = {}  # training round -> its data rounds
+        self._builds: dict[tuple[int, int], Any] = {}  # (round, epoch) -> future splits
         self._lock = threading.Lock()
+        self.plan_round(0, rounds, prefetch=False)
 
-    def _build(self, epoch: int) -> list[Any]:
+    def plan_round(self, round: int, rounds: Sequence[int] | None, prefetch: bool = True,
+                   epoch: int = 0) -> None:
+        """Training round `round` reads data `rounds` (None: every round in the store, as
+        committed now); starts building its epoch `epoch` unless prefetch=False."""
+        with self._lock:
+            self._shards[round] = self.store.shards(rounds)
+            self._rounds[round] = list(rounds) if rounds is not None else None
+            for old in [r for r in self._shards if r < round - 1]:
+                del self._shards[old], self._rounds[old]
+        if prefetch:
+            self._future(round, epoch)
+
+    def _build(self, round: int, epoch: int) -> list[Any]:
         start = time.perf_counter()
-        ds = epoch_dataset(self.store, self.shards, self.weights, self.seed, epoch,
+        shards = self._shards[round]
+        ds = epoch_dataset(self.store, shards, self.weights, self.seed, epoch,
                            self.pairs, self.balanced).materialize()
         if self.pairs:
             if ds.count() == 0:
                 raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
-                                 f"{sorted({s.round for s in self.shards})}: DPO needs prompts "
+                                 f"{sorted({s.round for s in shards})}: DPO needs prompts "
                                  "with both a correct and an incorrect response")
             # Contiguous ranges of an even length each: no pair is cut between ranks (and
             # an even micro_batch_size keeps them whole within a rank's batches).
@@ -143,44 +171,52 @@ class EpochPlanner:
             splits = splits[:self.world_size]
         else:
             splits = ds.split(self.world_size, equal=True)
-        log.info("epoch %d: %d rows ordered and split %d ways in %.1fs", epoch, ds.count(),
-                 self.world_size, time.perf_counter() - start)
+        log.info("round %d epoch %d: %d rows ordered and split %d ways in %.1fs", round, epoch,
+                 ds.count(), self.world_size, time.perf_counter() - start)
         return splits
 
-    def _future(self, epoch: int) -> Any:
+    def _future(self, round: int, epoch: int) -> Any:
         with self._lock:
-            build = self._builds.get(epoch)
+            key = (round, epoch)
+            build = self._builds.get(key)
             if build is None or (build.done() and build.exception() is not None):
                 # A failed build is not kept: the next ask (a restarted trainer) rebuilds it.
-                self._builds[epoch] = self._pool.submit(self._build, epoch)
-            for old in [e for e in self._builds if e < epoch - 1]:
+                self._builds[key] = self._pool.submit(self._build, round, epoch)
+            for old in [k for k in self._builds
+                        if k[0] < round - 1 or (k[0] == round and k[1] < epoch - 1)]:
                 del self._builds[old]  # ranks move in lockstep; a restart rebuilds (same order)
-            return self._builds[epoch]
+            return self._builds[key]
 
-    def prefetch(self, epoch: int) -> None:
-        """Starts building `epoch` now (e.g. while the training workers start up)."""
-        self._future(epoch)
+    def prefetch(self, epoch: int, round: int = 0) -> None:
+        """Starts building `epoch` of `round` now (e.g. while the trainers start up)."""
+        self._future(round, epoch)
 
-    def planned_epochs(self) -> list[int]:
-        """Epochs built or being built (the current one and at most the next)."""
+    def planned_epochs(self, round: int = 0) -> list[int]:
+        """Epochs of `round` built or being built (the current one and at most the next)."""
         with self._lock:
-            return sorted(self._builds)
+            return sorted(e for r, e in self._builds if r == round)
 
-    def split(self, epoch: int, rank: int) -> Any:
-        """Rank `rank`'s part of epoch `epoch` (a materialised Dataset); prefetches epoch+1.
-        A build that lost a Ray worker or object (its node gone) is built again, up to 3 times."""
+    def split(self, epoch: int, rank: int, round: int = 0,
+              rounds: Sequence[int] | None = None) -> Any:
+        """Rank `rank`'s part of epoch `epoch` of `round` (a materialised Dataset); prefetches
+        epoch+1. `rounds`: the round's data rounds, for a planner that has not planned it
+        (restarted after its node was lost). A build that lost a Ray worker or object (its
+        node gone) is built again, up to 3 times."""
+        if round not in self._shards or (rounds is not None
+                                         and list(rounds) != self._rounds.get(round)):
+            self.plan_round(round, rounds, prefetch=False)
         for attempt in range(3):
             try:
-                splits = self._future(epoch).result()
+                splits = self._future(round, epoch).result()
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 if attempt == 2:
                     raise
-                log.warning("epoch %d: the build lost a Ray worker or object (%s: a node gone?); "
-                            "building it again", epoch, type(exc).__name__)
+                log.warning("round %d epoch %d: the build lost a Ray worker or object (%s: a "
+                            "node gone?); building it again", round, epoch, type(exc).__name__)
         epoch_rows = sum(s.count() for s in splits)
         if self.run_rows is None or (epoch + 1) * epoch_rows < self.run_rows:
-            self._future(epoch + 1)
+            self._future(round, epoch + 1)
         return splits[rank]
 
 
@@ -189,7 +225,8 @@ def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mappin
                   run_rows: int | None = None, balanced: bool = False) -> Any:
     """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs).
     If its node is lost, Ray restarts it elsewhere and retries the calls; it rebuilds any epoch
-    in the same order, and the trainers, restarted by Ray Train, ask for their splits again."""
+    in the same order, and the trainers, restarted by Ray Train, ask for their splits again
+    (naming their round's data rounds, which a restarted planner has not been told)."""
     remote_cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1,
                             max_task_retries=-1)(EpochPlanner)
     return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs, run_rows,
@@ -222,27 +259,17 @@ def split_step_batches(split: ray.data.Dataset, micro_batch: int, grad_accum: in
 class ReferenceScorer:
     """Actor-pool map_batches class: log pi_ref of each response token, once per trajectory."""
 
-    def __init__(self, model_path: str, pad_id: int, use_gpu: bool = False) -> None:
-        from dqo_ray.models import load_policy, resolve_dtype
-        from dqo_ray.models.forward import sequence_logprobs
+    def __init__(self, model_path: str, pad_id: int, use_gpu: bool = False,
+                 batch_size: int = 16) -> None:
+        from dqo_ray.models.reference import ReferenceModel
 
         torch.set_num_threads(1)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        dtype = resolve_dtype("auto", self.device)
-        self.model = load_policy(model_path, dtype=dtype).to(self.device).eval()
-        self.pad_id, self.score = pad_id, sequence_logprobs
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.reference = ReferenceModel(model_path, pad_id, device, batch_size)
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        rows = [{"prompt_ids": p, "response_ids": r, "reward": 0.0, "finish_reason": "stop"}
-                for p, r in zip(batch["prompt_ids"], batch["response_ids"], strict=True)]
-        padded = pad_trajectories(rows, self.pad_id)
-        mask = padded["response_mask"][:, 1:]
-        logprobs = self.score(self.model, padded["input_ids"].to(self.device),
-                              padded["attention_mask"].to(self.device)).float().cpu()
-        per_row = [logprobs[i][mask[i]].numpy().astype(np.float32) for i in range(len(rows))]
-        out = np.empty(len(rows), dtype=object)
-        out[:] = per_row
+        out = np.empty(len(batch["traj_id"]), dtype=object)
+        out[:] = self.reference.logprobs(batch["prompt_ids"], batch["response_ids"])
         return {"path": batch["path"], "traj_id": batch["traj_id"], "ref_logprobs": out}
 
 
@@ -264,7 +291,8 @@ def score_reference(store: TrajectoryStore, model_path: str, pad_id: int,
                                columns=["traj_id", "prompt_ids", "response_ids"],
                                include_paths=True, partitioning=None)
     scored = ds.map_batches(ReferenceScorer, fn_constructor_kwargs={
-        "model_path": model_path, "pad_id": pad_id, "use_gpu": use_gpu},
+        "model_path": model_path, "pad_id": pad_id, "use_gpu": use_gpu,
+        "batch_size": batch_size},
         batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else 1, batch_format="numpy")
     partial: dict[str, dict[str, np.ndarray]] = {p: {} for p in by_path}

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from dqo_ray.evaluation.round_costs import breakdown_markdown, round_breakdown
 from dqo_ray.io import append_jsonl, atomic_write, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,25 @@ def _markdown(title: str, results: Sequence[Mapping[str, Any]]) -> str:
 
 PIPELINE_FILE = "pipeline.md"
 """Written by the pipeline job (stages, timings, per-round table); report.md includes it."""
+
+
+def write_pipeline_summary(run_dir: Path, stages: Mapping[str, Mapping[str, Any]],
+                           overlap: Sequence[str]) -> Path:
+    """run_dir/pipeline.md: the stages with their timings and counts, and where the rounds'
+    time went (report.md includes it)."""
+    lines = ["## Pipeline stages", "", "| stage | seconds | attempt | result |",
+             "| --- | ---: | ---: | --- |"]
+    for stage, record in stages.items():
+        result = {k: v for k, v in record["result"].items() if k not in ("metrics", "started")}
+        text = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in result.items())
+        lines.append(f"| {stage} | {record['seconds']:.1f} | {record['attempt']} | {text} |")
+    if overlap:
+        lines += ["", "Overlap: " + "; ".join(overlap) + "."]
+    costs = round_breakdown(stages, read_jsonl(run_dir / "train_metrics.jsonl"))
+    if costs["rounds"]:
+        lines += ["", breakdown_markdown(costs).replace("## ", "### ", 1)]
+    return atomic_write(run_dir / PIPELINE_FILE, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """The per-worker training loop. No Ray here: Ray Train (train/ray_trainer.py), the bare
-benchmark loop and the tests drive it through `WorkerIO`.
+benchmark loop and the tests drive it through `WorkerIO`. A worker builds its models once
+(`build_models`) and trains round after round on them (`train_round`): round r is global steps
+r*max_steps+1 .. (r+1)*max_steps on that round's data; `run_training` is a run of one round.
 
 Epoch accounting (what "no trajectory skipped or double-counted" means here):
-- An epoch is one pass over the mixed data set in a fixed order that depends only on
-  (data.shuffle_seed, epoch) (data/order.py). The order is cut into num_workers equal
-  contiguous parts (at most num_workers-1 rows dropped); global step s of the epoch trains
-  rows [s*L, (s+1)*L) of every rank's part, L = micro_batch_size * grad_accum_steps. A
-  trailing partial step is not trained in that epoch; the next epoch reshuffles.
-- A checkpoint records (epoch, step_in_epoch) with the optimizer and LR-schedule state. A
-  resumed run, after a worker failure or a restart of the job, continues at exactly the next
+- An epoch is one pass over the round's mixed data set in a fixed order that depends only on
+  (data.shuffle_seed, epoch) (data/order.py); each round counts its epochs from 0. The order
+  is cut into num_workers equal contiguous parts (at most num_workers-1 rows dropped); step s
+  of the epoch trains rows [s*L, (s+1)*L) of every rank's part, L = micro_batch_size *
+  grad_accum_steps. A trailing partial step is not trained in that epoch; the next reshuffles.
+- A checkpoint records (round, epoch, step_in_epoch) with the optimizer and LR-schedule
+  state. A resumed run, after a worker failure or a restart of the job, continues at exactly the next
   unconsumed step, so in the final history every row of an epoch is trained once at most and
   every position before the last step exactly once (checked by tests/test_train_ray.py from
   the ledger).
@@ -47,8 +49,9 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer (global) steps done
-    epoch: int = 0
+    step: int = 0  # optimizer (global) steps done, over all rounds
+    round: int = 0  # the training round `step` belongs to
+    epoch: int = 0  # within the round
     step_in_epoch: int = 0  # global steps done within `epoch`
     rows: int = 0  # rows consumed in total (all workers)
     tokens: int = 0  # response tokens consumed in total (all workers)
@@ -135,48 +138,88 @@ def _set_config_dtype(config: Path, name: str) -> None:
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
-    """Trains until trainer.max_steps global steps are done; returns the final state."""
+@dataclass
+class Models:
+    """One worker's engines (policy; value model for dqo / dro) and frozen pi_ref (for the
+    KL term): built once, then trained round after round in place."""
+
+    engines: dict[str, TrainEngine]
+    reference: torch.nn.Module | None
+    export_dtype: torch.dtype | None  # HF exports (bf16 training: bf16)
+
+
+def build_models(cfg: Config, policy_path: str, device: torch.device) -> Models:
     tcfg, acfg = cfg.trainer, cfg.algo
-    kind = resolve_engine_kind(tcfg.engine, cuda=io.device.type == "cuda")
-    dtype = resolve_dtype(cfg.model.dtype, io.device)
+    kind = resolve_engine_kind(tcfg.engine, cuda=device.type == "cuda")
+    dtype = resolve_dtype(cfg.model.dtype, device)
     bf16 = dtype == torch.bfloat16
-    attn = attn_implementation(cfg.model.attn_implementation, io.device)
+    attn = attn_implementation(cfg.model.attn_implementation, device)
     policy = load_policy(policy_path, attn=attn)
     engines: dict[str, TrainEngine] = {}
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    engines["policy"] = build_engine(kind, policy.to(io.device), tcfg.policy_lr, tcfg, bf16)
+    engines["policy"] = build_engine(kind, policy.to(device), tcfg.policy_lr, tcfg, bf16)
     if acfg.has_value_model:
         value = load_value(cfg.model.value, policy_path, attn=attn)
         if cfg.model.gradient_checkpointing:
             value.gradient_checkpointing_enable()
-        engines["value"] = build_engine(kind, value.to(io.device), tcfg.value_lr, tcfg, bf16)
+        engines["value"] = build_engine(kind, value.to(device), tcfg.value_lr, tcfg, bf16)
     for engine in engines.values():
         engine.module.train()
     reference = None
     if acfg.name == "dqo" and acfg.kl_coef > 0:  # pi_ref's full distribution, for the KL term
-        reference = load_policy(cfg.model.reference or policy_path, dtype, attn).to(io.device)
+        reference = load_policy(cfg.model.reference or policy_path, dtype, attn).to(device)
         reference.eval().requires_grad_(False)
+    return Models(engines, reference, torch.bfloat16 if bf16 else None)
 
-    state = TrainState()
-    if io.resume_from is not None:
-        for name, engine in engines.items():
-            engine.load(io.resume_from / f"{name}_state")
-        state = TrainState.load(io.resume_from / STATE_FILE)
-        if io.rank == 0:
-            log.info("resumed from %s at step %d (epoch %d, step %d of it)", io.resume_from,
-                     state.step, state.epoch, state.step_in_epoch)
+
+def resume(models: Models, folder: Path | None, rank: int = 0) -> TrainState:
+    """The state saved in checkpoint `folder` (engines loaded from it), else a fresh one."""
+    if folder is None:
+        return TrainState()
+    for name, engine in models.engines.items():
+        engine.load(folder / f"{name}_state")
+    state = TrainState.load(folder / STATE_FILE)
+    if rank == 0:
+        log.info("resumed from %s at step %d (round %d, epoch %d, step %d of it)", folder,
+                 state.step, state.round, state.epoch, state.step_in_epoch)
+    return state
+
+
+def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
+    """One round: trains until trainer.max_steps global steps are done; returns the state."""
+    models = build_models(cfg, policy_path, io.device)
+    return train_round(cfg, models, io, resume(models, io.resume_from, io.rank), 0, policy_path)
+
+
+def train_round(cfg: Config, models: Models, io: WorkerIO, state: TrainState, round: int,
+                policy_path: str) -> TrainState:
+    """Trains round `round`: global steps round*max_steps+1 .. (round+1)*max_steps, on the
+    round's data (`io.batches`), from `state` (the previous round's end, or a checkpoint
+    within this round). At a fresh round the LR schedule restarts and, with
+    trainer.optimizer_across_rounds=reset, Adam's moments too; weights (fp32 master copies
+    included) always carry over. Returns the state at the round's end."""
+    tcfg, acfg, engines = cfg.trainer, cfg.algo, models.engines
+    round_start, end = round * tcfg.max_steps, (round + 1) * tcfg.max_steps
+    if state.step >= end:
+        return state
+    if state.round != round:  # a fresh round: its own data, epochs counted from 0
+        if state.step != round_start:
+            raise RuntimeError(f"round {round} starts at step {round_start}, but the trainer "
+                               f"is at step {state.step} of round {state.round}")
+        for engine in engines.values():
+            engine.restart_schedule(clear_moments=tcfg.optimizer_across_rounds == "reset")
+        state = TrainState(step=state.step, round=round, rows=state.rows, tokens=state.tokens)
 
     resumed_from = state.step
     rows_per_step = tcfg.micro_batch_size * tcfg.grad_accum_steps * io.world_size
     window: list[dict[str, float]] = []
     window_start, wait_total, window_tokens = time.perf_counter(), 0.0, 0
     run_start, start_step = time.perf_counter(), state.step
-    while state.step < tcfg.max_steps:
+    while state.step < end:
         stream = io.batches(state.epoch, state.step_in_epoch)
         progressed = False
-        while state.step < tcfg.max_steps:
+        while state.step < end:
             wait_start = time.perf_counter()
             try:
                 micro_batches = next(stream)
@@ -184,11 +227,13 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
                 break
             wait_total += time.perf_counter() - wait_start
             progressed = True
-            train_policy = "value" not in engines or state.step >= tcfg.value_warmup_steps
+            train_policy = ("value" not in engines
+                            or state.step - round_start >= tcfg.value_warmup_steps)
             step_metrics, tokens = _train_step(engines, micro_batches, acfg, io.device,
-                                               train_policy, reference)
+                                               train_policy, models.reference)
             if io.ledger is not None:
-                record = {"step": state.step + 1, "epoch": state.epoch, "time": time.time()}
+                record = {"step": state.step + 1, "round": round, "epoch": state.epoch,
+                          "time": time.time()}
                 for key in ("positions", "order_key"):
                     record[key] = [v for m in micro_batches for v in m[key].tolist()]
                 append_jsonl(io.ledger / f"rank{io.rank}.jsonl", record)
@@ -200,40 +245,41 @@ def run_training(cfg: Config, policy_path: str, io: WorkerIO) -> TrainState:
             window_tokens += step_tokens
             window.append(step_metrics)
 
-            checkpoint = state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps
-            if state.step % tcfg.log_every == 0 or checkpoint:
+            local = state.step - round_start
+            checkpoint = local % tcfg.checkpoint_every == 0 or state.step == end
+            if local % tcfg.log_every == 0 or checkpoint:
                 elapsed = time.perf_counter() - window_start
                 metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                 metrics["data_wait_frac"] = wait_total / max(elapsed, 1e-9)
                 metrics = _mean_across_ranks(metrics, io.world_size, io.device)
-                done = state.step - start_step
-                rate = done / max(time.perf_counter() - run_start, 1e-9)
-                metrics.update(step=state.step, epoch=state.epoch, rows=state.rows,
+                rate = (state.step - start_step) / max(time.perf_counter() - run_start, 1e-9)
+                metrics.update(step=state.step, round=round, epoch=state.epoch, rows=state.rows,
                                resumed_from=resumed_from,
                                tokens=state.tokens, steps_per_s=len(window) / elapsed,
-                               tokens_per_s=window_tokens / elapsed,
+                               step_s=elapsed, tokens_per_s=window_tokens / elapsed,
                                lr_policy=engines["policy"].lr(),
-                               eta_s=(tcfg.max_steps - state.step) / max(rate, 1e-9))
+                               eta_s=(end - state.step) / max(rate, 1e-9))
                 if "value" in engines:
                     metrics["lr_value"] = engines["value"].lr()
-                folder = (_save_checkpoint(engines, state, io, policy_path,
-                                           torch.bfloat16 if bf16 else None)
+                saving = time.perf_counter()
+                folder = (_save_checkpoint(engines, state, io, policy_path, models.export_dtype)
                           if checkpoint else None)
                 if io.rank == 0:
-                    log.info("step %d/%d epoch %d loss %.4f | %.2f steps/s, data wait %.1f%%, "
-                             "ETA %.0fs", state.step, tcfg.max_steps, state.epoch,
+                    log.info("round %d step %d/%d epoch %d loss %.4f | %.2f steps/s, data wait "
+                             "%.1f%%, ETA %.0fs", round, local, tcfg.max_steps, state.epoch,
                              metrics["loss"], metrics["steps_per_s"],
                              100 * metrics["data_wait_frac"], metrics["eta_s"])
                 io.report(metrics, folder)
                 if io.log_metrics is not None:  # after report: a line with checkpoint=true
-                    io.log_metrics({**metrics, "checkpoint": bool(folder)}, state.step)
+                    io.log_metrics({**metrics, "checkpoint": bool(folder),
+                                    "checkpoint_s": time.perf_counter() - saving}, state.step)
                 window, wait_total, window_tokens = [], 0.0, 0
                 window_start = time.perf_counter()
         if not progressed and state.step_in_epoch == 0:  # a fresh epoch, not a finished one
             raise RuntimeError(f"epoch {state.epoch} has no full global step of "
                                f"{rows_per_step} rows: the data set is too small for "
                                "micro_batch_size * grad_accum_steps * num_workers")
-        if state.step < tcfg.max_steps:
+        if state.step < end:
             state.epoch += 1
             state.step_in_epoch = 0
     return state

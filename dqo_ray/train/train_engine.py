@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ class TrainEngine(Protocol):
     def save(self, path: str | os.PathLike) -> None: ...  # collective: every rank calls
     def load(self, path: str | os.PathLike) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...  # collective; rank 0 gets it
+    def restart_schedule(self, clear_moments: bool) -> None: ...  # a new round's first step
 
 
 def import_deepspeed(cuda: bool) -> Any:
@@ -95,6 +97,17 @@ def _optimizer_and_schedule(model: nn.Module, lr: float, cfg: TrainerConfig):
     return optimizer, schedule
 
 
+def _restart(optimizer: torch.optim.Optimizer, schedule: Any, clear_moments: bool) -> None:
+    """The LR schedule from its step 0 again (as a new scheduler would start), and with
+    `clear_moments` Adam's state dropped (AdamW re-creates it at the next step)."""
+    if clear_moments:
+        optimizer.state.clear()
+    schedule.last_epoch = -1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore")
+        schedule.step()
+
+
 SHM_OP = "deepspeed_shm_comm"
 
 
@@ -146,6 +159,7 @@ class DeepSpeedTrainEngine:
                                                lr_scheduler=schedule, config=config)
         self.module = self.engine.module
         self.zero_stage = cfg.zero_stage
+        self.schedule = schedule
 
     def __call__(self, **inputs: Any) -> Any:
         return self.engine(**inputs)
@@ -171,6 +185,11 @@ class DeepSpeedTrainEngine:
         if self.zero_stage == 3:  # parameters are partitioned: gather (collective)
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.module.state_dict()
+
+    def restart_schedule(self, clear_moments: bool) -> None:
+        # The torch AdamW inside DeepSpeed's wrapper (ZeRO / bf16) holds the moments.
+        wrapped = self.engine.optimizer
+        _restart(getattr(wrapped, "optimizer", wrapped), self.schedule, clear_moments)
 
 
 class TorchTrainEngine:
@@ -226,6 +245,9 @@ class TorchTrainEngine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.module.state_dict()
+
+    def restart_schedule(self, clear_moments: bool) -> None:
+        _restart(self.optimizer, self.schedule, clear_moments)
 
 
 def build_engine(kind: str, model: nn.Module, lr: float, cfg: TrainerConfig,
