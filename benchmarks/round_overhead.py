@@ -111,11 +111,11 @@ def main() -> int:
     print(table + "\n" + summary)
     if args.record:
         with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(f"\n### Round overhead: {args.label or run.name} "
-                    f"({time.strftime('%Y-%m-%d')}, {machine()})\n\n"
+            f.write(f"\n## round_overhead.py: {args.label or run.name} "
+                    f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()})\n\n"
                     f"`python benchmarks/round_overhead.py "
                     f"{'--analyze ' + str(run) if args.analyze else '--config ' + args.config}`"
-                    f"\n\n{table.replace('## ', '#### ', 1)}\n{summary}\n")
+                    f"\n\n{table.replace('## ', '### ', 1)}\n{summary}\n")
     return 0
 
 

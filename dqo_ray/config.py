@@ -269,7 +269,8 @@ class DataConfig:
     shuffle_seed: int = 0
     ref_actors: int = field(default=1, metadata=_range(ge=1))
     """Actors in the reference-scoring pool (one GPU each on GPU clusters)."""
-    ref_batch_size: int = field(default=16, metadata=_range(ge=1))
+    ref_batch_size: int = field(default=8, metadata=_range(ge=1))
+    """Rows per pi_ref forward when scoring (in the engines, or the Ray Data stage)."""
 
     def check(self) -> list[str]:
         problems = []
@@ -334,10 +335,11 @@ class GenerationConfig:
     seed: int = 0
     kv_cache_gb: float = field(default=1.0, metadata=_range(gt=0))
     """vLLM KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE)."""
-    gpu_memory_utilization: float = field(default=0.9, metadata=_range(gt=0, le=0.98))
+    gpu_memory_utilization: float = field(default=0.85, metadata=_range(gt=0, le=0.98))
     """vLLM on a GPU: the share of each of an engine's GPUs it takes (weights, activations, then
-    the KV cache fills the rest); vLLM's own default. Also the evaluator's engine. Each engine
-    and the evaluator have GPUs of their own, so nothing else needs the remainder."""
+    the KV cache fills the rest). Also the evaluator's engine. The remainder of a generator
+    engine's GPU holds pi_ref, which scores each sample as it is drawn (the plan checks that it
+    fits: `reference`), hence below vLLM's own default of 0.9."""
     max_model_len: int | None = field(default=None, metadata=_range(ge=16))
     """vLLM: the longest sequence (prompt + response) an engine accepts; it must hold one such
     sequence in its KV cache. None = the model's own (max_position_embeddings, often 32k):

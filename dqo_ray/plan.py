@@ -625,6 +625,10 @@ def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
     if problems and cluster.label == RUNNING:
         notes.append("an autoscaling cluster starts its nodes on demand: plan for the cluster it "
                      "grows to with --cluster / ray.cluster (e.g. 2x8xH100-80GB)")
+    if cfg.generation.gpus_per_engine > 1:
+        notes.append("generation.gpus_per_engine > 1: the engine actor holds no GPU of its own "
+                     "(its tensor-parallel workers do), so pi_ref scores its samples on CPUs: "
+                     "slow for large models (a known limit)")
     if cfg.eval.gpus > 1:
         notes.append(f"eval.gpus: {cfg.eval.gpus} are held but the evaluator's engine uses one "
                      "(it runs without tensor parallelism)")

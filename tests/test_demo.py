@@ -62,13 +62,14 @@ def test_reduced_demo_end_to_end(ray_address, tmp_path, capsys):
     predictions = (run_dir / "predictions" / "tinymath-step0000003.jsonl").read_text()
     assert len(predictions.splitlines()) == 12
     metrics = [json.loads(line) for line in
-               (run_dir / "round0" / "train_metrics.jsonl").read_text().splitlines()]
+               (run_dir / "train_metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [3]  # log_every 10: the checkpoint step only
     for m in metrics:  # what tells a user whether DQO learns, logged and finite
         assert all(math.isfinite(m[key]) for key in DIAGNOSTICS), m
         assert 0 <= m["mixed_prompt_frac"] <= 1 and m["kl_full"] >= 0 and m["entropy"] > 0
     report = (run_dir / "report.md").read_text()
     assert "## Rounds" in report and "| start | 0 |" in report and "| round 0 | 3 |" in report
+    assert "Where the rounds' time went" in report  # pipeline.md's round costs
     assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| start | 0 |" in printed and "| round 0 | 3 |" in printed

@@ -1,5 +1,6 @@
 """The training loop without Ray: exact resume, including from a checkpoint that closes an
-epoch (the stream of that epoch is then empty and the loop must move on, not fail)."""
+epoch (the stream of that epoch is then empty and the loop must move on, not fail), and
+rounds trained one after another by the same models as after a restart."""
 
 import json
 import shutil
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from dqo_ray.config import load_config
 from dqo_ray.data.batch import pad_trajectories
-from dqo_ray.train.loop import WorkerIO, run_training
+from dqo_ray.train.loop import TrainState, WorkerIO, build_models, resume, run_training, train_round
 from dqo_ray.train.train_engine import init_single_process_group
 
 ROWS, MICRO, ACCUM = 64, 8, 2  # 4 global steps per epoch
@@ -141,3 +142,76 @@ def test_torch_resume_state_refuses_pickled_objects(tmp_path):
     torch.save({**state, "extra": Payload()}, tmp_path / "torch_state.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
         engine.load(tmp_path)
+
+
+# -- rounds in one process --------------------------------------------------------------------
+
+
+def _round_cfg(engine: str, *overrides: str):
+    return load_config(None, [f"trainer.engine={engine}", "trainer.zero_stage=1",
+                              f"trainer.micro_batch_size={MICRO}",
+                              f"trainer.grad_accum_steps={ACCUM}", "trainer.max_steps=3",
+                              "trainer.log_every=1", "trainer.checkpoint_every=3",
+                              "trainer.policy_lr=1e-3", "trainer.value_lr=1e-3",
+                              "trainer.lr_schedule=cosine", "trainer.warmup_steps=1",
+                              *overrides])
+
+
+def _train(cfg, checkpoint, scratch, rounds, models=None, state=None):
+    reports = []
+    io = WorkerIO(0, 1, batches_for(toy_rows()), lambda m, f: reports.append((m, f)),
+                  scratch=scratch)
+    models = models or build_models(cfg, str(checkpoint), torch.device("cpu"))
+    state = state or TrainState()
+    for r in rounds:
+        state = train_round(cfg, models, io, state, r, str(checkpoint))
+    return models, state, reports
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_rounds_in_one_process_equal_rounds_after_a_restart(tiny_checkpoint, tmp_path, engine,
+                                                            process_group):
+    cfg = _round_cfg(engine)
+    torch.manual_seed(0)
+    _, state, kept = _train(cfg, tiny_checkpoint, tmp_path / "a", [0, 1])
+    assert (state.step, state.round, state.epoch, state.step_in_epoch) == (6, 1, 0, 3)
+    steps = [m["step"] for m, _ in kept]
+    assert steps == [1, 2, 3, 4, 5, 6] and [m["round"] for m, _ in kept] == [0] * 3 + [1] * 3
+    folders = [f.name for _, f in kept if f is not None]
+    assert folders == ["checkpoint-0000003", "checkpoint-0000006"]  # global steps
+    # Each round's schedule starts again (warmup included): round 1 steps at round 0's rates.
+    assert [m["lr_policy"] for m, _ in kept[3:]] == pytest.approx(
+        [m["lr_policy"] for m, _ in kept[:3]])
+    # A new process resuming from round 0's last checkpoint trains round 1 the same way.
+    resume_dir = tmp_path / "resume"
+    shutil.copytree(kept[2][1], resume_dir)
+    torch.manual_seed(0)
+    models = build_models(cfg, str(tiny_checkpoint), torch.device("cpu"))
+    state0 = resume(models, resume_dir)
+    assert (state0.step, state0.round) == (3, 0)
+    _, again, restarted = _train(cfg, tiny_checkpoint, tmp_path / "b", [1], models, state0)
+    assert again.step == 6
+    for got, want in zip(restarted, kept[3:], strict=True):
+        assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-5)
+    # A round already trained is not trained again (a restarted group meets it on the way).
+    assert _train(cfg, tiny_checkpoint, tmp_path / "c", [0], models, again)[2] == []
+
+
+def test_adam_moments_reset_or_carry_across_rounds(tiny_checkpoint, tmp_path, process_group):
+    losses = {}
+    for mode in ("reset", "carry"):
+        torch.manual_seed(0)
+        cfg = _round_cfg("torch", f"trainer.optimizer_across_rounds={mode}")
+        models, _, reports = _train(cfg, tiny_checkpoint, tmp_path / mode, [0, 1])
+        losses[mode] = [m["loss"] for m, _ in reports]
+        assert models.engines["policy"].optimizer.state  # moments exist after round 1
+    assert losses["reset"][:4] == losses["carry"][:4]  # identical up to round 1's first step
+    assert losses["reset"][4:] != losses["carry"][4:]  # then the moments differ
+
+
+def test_a_round_that_does_not_start_where_the_last_ended_is_refused(tiny_checkpoint, tmp_path,
+                                                                   process_group):
+    cfg = _round_cfg("torch")
+    with pytest.raises(RuntimeError, match="round 2 starts at step 6, but the trainer is at "
+                                           "step 3 of round 0"):
+        _train(cfg, tiny_checkpoint, tmp_path, [2], state=TrainState(step=3, round=0))

@@ -8,9 +8,9 @@ closes a window of steps, and the window's length is steps / steps_per_s). Per r
     exposed      the part of it no training ran beside (what the critical path waits for)
     reference    its reference stage (the Ray Data stage: ingested data; else ~0)
     start        from the train stage's start to its first optimizer step (worker group
-                 start, model loads, DeepSpeed init, epoch build: what one run for all rounds
-                 removes after the first)
-    steps        optimizer step time (the work)
+                 start, model loads, DeepSpeed init, the first batch of the epoch: what one
+                 run for all rounds removes after the first)
+    steps        optimizer step time (the work; waits for batches left out)
     other        the rest of the train stage (checkpoint writes and uploads, report barriers,
                  a run's teardown)
     refresh      the engines' weight refresh before the round's data is sampled
@@ -37,11 +37,13 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def step_windows(metrics: Iterable[Mapping[str, Any]]) -> dict[int, list[tuple[float, float]]]:
-    """round -> [(window start, window end)] of optimizer steps, from rank 0's lines. A line's
-    window lasts `step_s` (older runs: its steps since the last line / steps_per_s, their
-    steps counted from 1 in each round) and ends before the line's checkpoint was written."""
-    out: dict[int, list[tuple[float, float]]] = defaultdict(list)
+def step_windows(metrics: Iterable[Mapping[str, Any]]
+                 ) -> dict[int, list[tuple[float, float, float]]]:
+    """round -> [(window start, window end, data wait)] of optimizer steps, from rank 0's
+    lines. A line's window lasts `step_s` (older runs: its steps since the last line /
+    steps_per_s, their steps counted from 1 in each round), ends before the line's checkpoint
+    was written, and spent `data_wait_frac` of itself waiting for batches."""
+    out: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
     last_step: dict[int, int] = {}
     for line in metrics:
         if "steps_per_s" not in line or "time" not in line:
@@ -50,7 +52,7 @@ def step_windows(metrics: Iterable[Mapping[str, Any]]) -> dict[int, list[tuple[f
         seconds = line.get("step_s", (step - last_step.get(r, 0)) / line["steps_per_s"])
         last_step[r] = step
         end = line["time"] - line.get("checkpoint_s", 0.0)
-        out[r].append((end - seconds, end))
+        out[r].append((end - seconds, end, seconds * line.get("data_wait_frac", 0.0)))
     return out
 
 
@@ -74,9 +76,10 @@ def round_breakdown(stages: Mapping[str, Mapping[str, Any]],
         # Exposed: the sampling that ran beside no training (round r+1 beside round r).
         beside = (_overlap(_span(data), _span(stages[f"round{r - 1}/train"]))
                   if data and f"round{r - 1}/train" in stages else 0.0)
-        steps = sum(b - a for a, b in windows.get(r, []))
-        first = min((a for a, _ in windows.get(r, [])), default=train[1])
-        start = max(0.0, first - train[0])
+        spans = windows.get(r, [])
+        steps = sum(b - a - wait for a, b, wait in spans)  # waits for data are not work
+        # To the first step: the round's start, then its first batch (the epoch's build).
+        start = max(0.0, spans[0][0] - train[0]) + spans[0][2] if spans else train[1] - train[0]
         checkpoint = checkpoints.get(r, 0.0)
         refresh = (data or {}).get("result", {}).get("refresh_s")
         if refresh is None:
@@ -95,8 +98,9 @@ def round_breakdown(stages: Mapping[str, Mapping[str, Any]],
     wall = end - after
     steps = sum(row["steps"] for row in rows)
     exposed = sum(row["exposed"] for row in rows[1:])
-    evaluation = sum(s["seconds"] for k, s in stages.items() if k.endswith("/evaluate")
-                     and k.startswith("round"))
+    # The wait at the end: each round's evaluate stage records the time waited so far.
+    evaluation = max((s["seconds"] for k, s in stages.items() if k.endswith("/evaluate")
+                      and k.startswith("round")), default=0.0)
     return {"rounds": rows, "wall": wall, "steps": steps, "eval_wait": evaluation,
             "exposed_sampling": exposed,
             "overhead": (wall - steps) / wall if wall > 0 else 0.0,

@@ -217,7 +217,9 @@ def train_round(cfg: Config, models: Models, io: WorkerIO, state: TrainState, ro
     window_start, wait_total, window_tokens = time.perf_counter(), 0.0, 0
     run_start, start_step = time.perf_counter(), state.step
     while state.step < end:
+        wait_start = time.perf_counter()  # asking for the epoch's split waits for its build
         stream = io.batches(state.epoch, state.step_in_epoch)
+        wait_total += time.perf_counter() - wait_start
         progressed = False
         while state.step < end:
             wait_start = time.perf_counter()
