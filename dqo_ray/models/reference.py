@@ -7,6 +7,7 @@ run), and the Ray Data reference stage for ingested data (`dqo_ray.data.streams`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from dqo_ray.data.batch import pad_trajectories
 from dqo_ray.models.forward import sequence_logprobs
 from dqo_ray.models.loading import load_policy, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceModel:
@@ -27,6 +30,8 @@ class ReferenceModel:
         self.model = load_policy(model_path, dtype=dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.pad_id, self.batch_size, self.path = pad_id, batch_size, model_path
+        log.info("pi_ref loaded from %s on %s (scores %d rows a forward)", model_path,
+                 self.device, batch_size)
 
     @torch.no_grad()
     def logprobs(self, prompt_ids: Sequence[Sequence[int]],
