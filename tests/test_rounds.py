@@ -35,8 +35,20 @@ def test_coordinator_hands_rounds_in_order_and_stops():
     coord.round_done(1, {"checkpoint": "/r/train/checkpoint-0000020", "weights": ["ref"]})
     assert coord.wait_done(1, timeout_s=0.01)["weights"] == ["ref"]
     assert coord.latest_checkpoint() == "/r/train/checkpoint-0000020"
+    # A group restarted now asks from the start: round 0 is not reported done yet, so it is
+    # handed out again (the restarted ranks, past its end, report it at once); then nothing.
+    assert coord.next_round(-1, timeout_s=0.01)["round"] == 0
+    coord.round_done(0, {"checkpoint": "/r/train/checkpoint-0000010", "weights": ["old"]})
+    assert coord.next_round(-1, timeout_s=0.01) == "wait"
+    assert coord.latest_checkpoint() == "/r/train/checkpoint-0000020"
     coord.stop()
     assert coord.next_round(1, timeout_s=5) is None  # no round 2: the workers leave their loop
+
+
+def test_a_resumed_driver_posts_its_first_unfinished_round_and_workers_take_it():
+    coord = RoundCoordinator("/r/train/checkpoint-0000004")  # round 0 finished before
+    coord.post(_spec(1))
+    assert coord.next_round(-1, timeout_s=0.01)["round"] == 1  # not a wait for round 0
 
 
 def test_coordinator_keeps_the_newest_checkpoint_and_counts_starts():

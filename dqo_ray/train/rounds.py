@@ -48,7 +48,8 @@ class RoundCoordinator:
     def __init__(self, latest_checkpoint: str | None = None) -> None:
         self._cond = threading.Condition()
         self._posted: dict[int, RoundSpec] = {}
-        self._done: dict[int, dict[str, Any]] = {}
+        self._done: dict[int, dict[str, Any]] = {}  # results not yet taken by the driver
+        self._finished: set[int] = set()  # rounds reported done
         self._stopped = False
         self._latest = latest_checkpoint
         self.starts = 0  # train-function starts of rank 0: 1 + the group's restarts
@@ -83,13 +84,18 @@ class RoundCoordinator:
             return self.starts
 
     def next_round(self, after: int, timeout_s: float) -> dict[str, Any] | str | None:
-        """The round after `after` once posted; None when stopped; "wait" after `timeout_s`
-        (the ranks ask again: a blocked call must not outlive a dead caller for long)."""
+        """The first round after `after` that is posted and not yet reported done (a restarted
+        group asks with after=-1: rounds done since the driver started are skipped, and a
+        resumed driver posts its first unfinished round only); None when stopped; "wait"
+        after `timeout_s` (the ranks ask again: a blocked call must not outlive a dead caller
+        for long)."""
+        def pending() -> list[int]:
+            return sorted(r for r in self._posted if r > after and r not in self._finished)
+
         with self._cond:
-            self._cond.wait_for(lambda: self._stopped or after + 1 in self._posted,
-                                timeout=timeout_s)
-            if after + 1 in self._posted:
-                return asdict(self._posted[after + 1])
+            self._cond.wait_for(lambda: self._stopped or pending(), timeout=timeout_s)
+            if rounds := pending():
+                return asdict(self._posted[rounds[0]])
             return None if self._stopped else "wait"
 
     def checkpointed(self, path: str) -> None:
@@ -107,5 +113,6 @@ class RoundCoordinator:
         Ray passes the reference through) the policy weights in the object store."""
         with self._cond:
             self.checkpointed(result["checkpoint"])
+            self._finished.add(round)
             self._done[round] = result
             self._cond.notify_all()
