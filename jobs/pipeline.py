@@ -131,7 +131,7 @@ class Pipeline:
                 self.watch()
                 sampling = None  # round r+1, sampled from `policy` while round r trains
                 if overlap and r + 1 < rounds and not self.state.done(f"round{r + 1}/data"):
-                    sampling = background.submit(self.data, r + 1, policy, weights)
+                    sampling = background.submit(self.sample_and_plan, r + 1, policy, weights)
                 trained[r], weights = self.train(r, overlapping=sampling)
                 policy = trained[r]["policy"]
         if self.trainer is not None:
@@ -202,6 +202,13 @@ class Pipeline:
                           refresh_s=refresh, refresh_from="memory" if weights is not None
                           and refresh else "disk" if refresh else "none",
                           ref_s=summary.ref_seconds)
+
+    def sample_and_plan(self, r: int, policy: str, weights: Any) -> None:
+        """Data round r, then its first epoch built at once (while round r-1 still trains),
+        so that the trainer finds it ready."""
+        self.data(r, policy, weights)
+        assert self.trainer is not None
+        self.trainer.prepare(r, list(range(r + 1)))
 
     def reference(self, r: int, start: str) -> None:
         """ref_logprobs for round r's shards that lack them: only ingested data (sampled rows

@@ -339,9 +339,15 @@ def test_pipeline_starts_one_trainer_and_feeds_it_round_by_round(monkeypatch, tm
 
     monkeypatch.setattr(p, "data", data)
     p.run()
-    assert events == ["trainer from start", "start", "data 0", "prepare 0 on [0]", "train 0",
-                      "start", "prepare 1 on [0, 1]", "train 1", "start",
-                      "prepare 2 on [0, 1, 2]", "train 2", "closed", "finish"]
+    # (round r+1's epoch is planned by the background sampling as soon as its data is in)
+    assert [e for e in events if not e.startswith("prepare")] == [
+        "trainer from start", "start", "data 0", "train 0", "start", "train 1", "start",
+        "train 2", "closed", "finish"]
+    for r in (1, 2):  # planned after round r-1 began training, before round r trains
+        assert (events.index(f"train {r - 1}") - 1 <= events.index(f"prepare {r} on "
+                                                                  f"{list(range(r + 1))}")
+                < events.index(f"train {r}"))
+    assert events.index("prepare 0 on [0]") < events.index("train 0")
     # round r+1 sampled while round r trained, from round r's start policy; from round 1 on
     # the engines take the trainer's weights from memory
     assert sampled == {0: "start (no weights)", 1: "start (no weights)",
