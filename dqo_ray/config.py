@@ -439,11 +439,9 @@ class PipelineConfig:
     ingest_source: str | None = None
     overlap: Literal["auto", "on", "off"] = "auto"
     """Sample round r+1 from round r-1's checkpoint while round r trains (one round stale,
-    corrected by the recorded behaviour log-probs). auto = on when the cluster has the CPUs /
-    GPUs (and GPU memory) for the trainer, the engines and the evaluator at the same time
-    (dqo_ray.plan). Off, a generator pool on GPUs gives them back after each data round (its
-    actors end) so that reference scoring and Ray Train can have them, and is started again
-    from the newest policy for the next one."""
+    corrected by the recorded behaviour log-probs). auto = on: the trainer, the engines and the
+    evaluator are all held for the whole run (dqo_ray.plan), so nothing is gained by waiting.
+    Off: round r+1 is sampled from round r's policy after round r has trained."""
     evaluate_start: bool = True
     """Also evaluate the start checkpoint (the table's baseline row)."""
     cache_dir: str | None = None

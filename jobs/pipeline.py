@@ -320,8 +320,7 @@ class Pipeline:
     # -- helpers -----------------------------------------------------------------------------
 
     def generator_pool(self, policy: str) -> GeneratorPool:
-        """The pool, started from `policy` when there is none (the first data round, or the
-        next one after `release_pool`)."""
+        """The pool, started from `policy` at the first data round; it lives for the run."""
         if self.pool is None:  # its engines score samples with pi_ref as they go
             self.pool = GeneratorPool(self.cfg, policy, self.reference_policy(self.start))
             for i, actor in enumerate(self.pool.actors):
@@ -329,7 +328,7 @@ class Pipeline:
         return self.pool
 
     def release_pool(self) -> None:
-        """Ends the engine actors (and their placement groups): Ray gets their GPUs back."""
+        """Ends the engine actors (and their placement groups) at the end of the run."""
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None

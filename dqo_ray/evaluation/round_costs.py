@@ -84,7 +84,7 @@ def round_breakdown(stages: Mapping[str, Mapping[str, Any]],
         refresh = (data or {}).get("result", {}).get("refresh_s")
         if refresh is None:
             refresh = (refresh_s or {}).get(r, 0.0)
-        rows.append({"round": r, "sampling": sampling, "exposed": sampling - beside,
+        rows.append({"round": r, "sampling": sampling, "exposed": max(0.0, sampling - beside),
                      "reference": stages.get(f"round{r}/reference", {}).get("seconds", 0.0),
                      "start": start, "steps": steps, "checkpoint": checkpoint,
                      "other": max(0.0, train[1] - train[0] - start - steps - checkpoint),
