@@ -185,10 +185,12 @@ def test_submitted_pipeline_survives_a_stop_and_uses_both_nodes(local_cluster, t
             _logs(local_cluster, "pipeline-1")[-4000:]
         time.sleep(2)
     assert _ray("job", "stop", "--address", local_cluster, "pipeline-1").returncode == 0
-    _wait(local_cluster, "pipeline-1", lambda s: s == "STOPPED", 120)
+    # (a small job: the stop usually lands while round 1 trains, but round 1 may finish, and
+    # even the job, before it takes effect; both are checked below, neither is a failure)
+    _wait(local_cluster, "pipeline-1", lambda s: s in ("STOPPED", "SUCCEEDED"), 120)
     first = stages()
     assert {"start/tiny", "round0/data", "round0/reference", "round0/train"} <= set(first)
-    assert "round1/train" not in first
+    round1_left = "round1/train" not in first
     store = TrajectoryStore(str(tmp_path / "store"))
     round0_shards = store.shards([0])
 
@@ -200,12 +202,15 @@ def test_submitted_pipeline_survives_a_stop_and_uses_both_nodes(local_cluster, t
     final = stages()
     for stage, record in first.items():  # nothing finished by the first start ran again
         assert final[stage] == record, stage
-    for stage in ("round1/train", "round1/evaluate"):
-        assert final[stage]["attempt"] == 1
+    assert all(record["attempt"] == 1 for stage, record in final.items() if stage not in first)
+    assert set(final) >= {"round1/train", "round1/evaluate", "round0/evaluate"}
     assert final["round1/reference"]["result"]["rows"] == 0  # the engines scored round 1
     # One Ray Train run per submission, whatever the number of rounds it trained (worker
-    # lines reach the job's log twice: count the starts they name).
-    assert set(re.findall(r"trainer worker group start (\d+) ", log)) == {"1"}, log[-4000:]
+    # lines reach the job's log twice: count the starts they name); none with nothing left.
+    starts = set(re.findall(r"trainer worker group start (\d+) ", log))
+    assert starts == ({"1"} if round1_left else set()), log[-4000:]
+    if round1_left:
+        assert final["round1/train"]["attempt"] == 1
     assert "resuming" in log and "round0/train" in log
     assert store.shards([0]) == round0_shards  # round 0's data untouched
 
@@ -240,4 +245,6 @@ def test_submitted_pipeline_survives_a_stop_and_uses_both_nodes(local_cluster, t
         {s: r["attempt"] for s, r in final.items()}
     evaluators = [line for line in (run / "placement.jsonl").read_text().splitlines()
                   if '"evaluator"' in line]
-    assert len(evaluators) == 2  # the first two submissions' evaluators only
+    # the first submission's, and the second's when it had evaluations left to do
+    left = any(stage.endswith("evaluate") and stage not in first for stage in final)
+    assert len(evaluators) == 1 + left

@@ -342,7 +342,9 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, scored_store, tiny
     steps = [m["step"] for m in history]
     assert steps[-1] == 16 and steps.count(1) == 1, steps
     # after the kill the group restarted from the newest committed checkpoint, not step 0
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    # (the first line after the restart names the step it resumed from; its step number
+    # need not go back: a kill right after a checkpoint resumes exactly where it stopped)
+    restart = next(i for i, m in enumerate(history) if m["resumed_from"] > 0)
     resumed = history[restart]["resumed_from"]
     assert resumed in {m["step"] for m in history[:restart] if m["checkpoint"]}, steps
     assert resumed >= committed_at_kill >= 2 and steps[restart] == resumed + 1, steps
@@ -365,8 +367,7 @@ def test_restarted_job_continues_from_last_checkpoint(tmp_path, scored_store, ti
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
     history = read_jsonl(metrics)
-    restart = next(i for i in range(1, len(history))
-                   if history[i]["step"] <= history[i - 1]["step"])
+    restart = next(i for i, m in enumerate(history) if m["resumed_from"] > 0)
     # The second job resumed from a checkpoint the first one reported (the newest that Ray
     # had committed when the driver died), never from step 0, and went on from the next step.
     resumed = history[restart]["resumed_from"]
