@@ -220,8 +220,9 @@ class TrainerConfig:
     log_every: int = field(default=10, metadata=_range(ge=1))
     checkpoint_every: int = field(default=50, metadata=_range(ge=1))
     num_to_keep: int = field(default=2, metadata=_range(ge=1))
-    """Checkpoints kept per round (Ray Train deletes older ones; a pipeline keeps this many
-    times its rounds, so the evaluator can still score a round's checkpoints)."""
+    """Checkpoints kept per round (Ray Train deletes older ones). A pipeline keeps the newest
+    2 x num_to_keep, whatever its rounds: the evaluator can still score the last round's
+    checkpoints while the next round writes its own, and the disk does not grow with rounds."""
     max_failures: int = field(default=2, metadata=_range(ge=0))
     """A dead worker restarts the whole group from the last checkpoint, at most this often."""
     prefetch_batches: int = field(default=4, metadata=_range(ge=0))
@@ -269,6 +270,11 @@ class DataConfig:
     shuffle_seed: int = 0
     ref_actors: int = field(default=1, metadata=_range(ge=1))
     """Actors in the reference-scoring pool (one GPU each on GPU clusters)."""
+    epoch_in_process_rows: int = field(default=200_000, metadata=_range(ge=0))
+    """Rows of a round up to which the epoch planner builds each epoch with pyarrow in its own
+    process (sub-second at the demo's size) rather than with Ray Data tasks and shuffles
+    (seconds of fixed cost, but spread over the cluster for large data); same rows, same
+    order either way."""
     ref_batch_size: int = field(default=8, metadata=_range(ge=1))
     """Rows per pi_ref forward when scoring (in the engines, or the Ray Data stage)."""
 

@@ -55,6 +55,10 @@ def init_ray(cfg: RayConfig, engine_log: str | os.PathLike | None = None) -> Non
     if address is None:
         num_cpus = local_num_cpus(cfg)
         log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
+        # A run holds ~10 long-lived workers (trainer, engines, evaluator, planner, Ray
+        # Data); Ray warns on the console at 4x its startup concurrency, which defaults to
+        # the machine's cores (2 on a laptop). A user's own setting wins.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
         # address="local": never join another cluster running on this machine by accident
         # (ray.init's default would, through /tmp/ray/ray_current_cluster).
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env,

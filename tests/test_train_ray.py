@@ -125,6 +125,7 @@ def test_planner_prefetches_only_epochs_the_run_reaches(scored_store):
     assert planner.planned_epochs() == [0, 1]  # epoch 1 built while epoch 0 trains
     assert planner.split(1, 1).count() == 192
     assert planner.planned_epochs() == [0, 1]  # no epoch 2: the run ends within epoch 1
+    planner.close()
 
 
 def test_planner_balanced_epoch_is_the_balanced_selection_in_epoch_order(
@@ -153,6 +154,26 @@ def test_planner_balanced_epoch_is_the_balanced_selection_in_epoch_order(
                    if p not in ("p2",))
         assert len(rows) == 2 + 4 * 5 == sum(
             min(sum(c), len(c) - sum(c)) * 2 for c in _groups(table).values())
+    planner.close()
+
+
+@pytest.mark.parametrize("kind", ["all", "balanced", "pairs"])
+def test_an_epoch_built_in_process_equals_the_ray_data_build(tmp_path, tiny_checkpoint,
+                                                             ray_address, kind):
+    root = tmp_path / "store"
+    write_toy_store(root, tiny_checkpoint, shards=2, rows_per_shard=16, paired=True,
+                    correct=lambda shard, i: (i // 2 + shard + i) % 3 == 0)
+    options = {"balanced": kind == "balanced", "pairs": kind == "pairs"}
+    weights = {0: 1.5}  # some rows twice: copies keep distinct order keys
+    built = {}
+    for where, rows in (("ray data", 0), ("in process", 10**6)):
+        planner = EpochPlanner(str(root), None, weights, seed=3, world_size=2,
+                               in_process_rows=rows, **options)
+        built[where] = [[(r["traj_id"], r["order_key"], r.get("pair_pos"))
+                         for r in planner.split(1, rank).take_all()] for rank in (0, 1)]
+        planner.close()
+    assert built["in process"] == built["ray data"]
+    assert sum(map(len, built["ray data"])) > 0
 
 
 def _groups(table) -> dict[str, list[bool]]:

@@ -8,7 +8,9 @@
                       ranks: read_parquet(the round's data rounds) -> map_batches(mix rounds,
                       order keys) -> sort(order key) -> materialize -> split(world,
                       equal=True); a round's epoch 0 is built as soon as its data is stored,
-                      epoch e+1 while e trains.
+                      epoch e+1 while e trains. Up to data.epoch_in_process_rows rows the
+                      same epoch is built with pyarrow in the planner (`epoch_table`) and
+                      handed out as a Dataset.
                       DPO (pairs=True): ... -> groupby(prompt_id) -> map_groups(
                       preference_pairs) -> sort(order key, pair_pos) -> split into
                       contiguous ranges of even length (pairs never cut).
@@ -74,6 +76,19 @@ class MixAndKey:
         return out.append_column("order_key", pa.array(keys, type=pa.int64()))
 
 
+def epoch_table(table: pa.Table, weights: Mapping[int, float], seed: int, epoch: int,
+                pairs: bool = False, balanced: bool = False) -> pa.Table:
+    """`epoch_dataset` for rows that fit one process: the same selection and order, with
+    pyarrow alone (balanced_groups and preference_pairs take a table of many prompts)."""
+    table = MixAndKey(weights, seed, epoch)(table)
+    if pairs:
+        return preference_pairs(table, seed, epoch).sort_by([("order_key", "ascending"),
+                                                            ("pair_pos", "ascending")])
+    if balanced:
+        table = balanced_groups(table, seed, epoch)
+    return table.sort_by("order_key")
+
+
 def epoch_dataset(store: TrajectoryStore, shards: Sequence[ShardInfo],
                   weights: Mapping[int, float], seed: int, epoch: int,
                   pairs: bool = False, balanced: bool = False) -> ray.data.Dataset:
@@ -134,12 +149,13 @@ class EpochPlanner:
     def __init__(self, store_root: str, rounds: Sequence[int] | None,
                  weights: Mapping[int, float], seed: int, world_size: int,
                  pairs: bool = False, run_rows: int | None = None,
-                 balanced: bool = False) -> None:
+                 balanced: bool = False, in_process_rows: int = 0) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = TrajectoryStore(store_root)
         self.weights, self.seed, self.world_size = dict(weights), seed, world_size
         self.pairs, self.run_rows, self.balanced = pairs, run_rows, balanced
+        self.in_process_rows = in_process_rows
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-planner")
         self._shards: dict[int, list[ShardInfo]] = {}  # training round -> its shards
         self._rounds: dict[int, list[int] | None] = {}  # training round -> its data rounds
@@ -162,8 +178,15 @@ class EpochPlanner:
     def _build(self, round: int, epoch: int) -> list[Any]:
         start = time.perf_counter()
         shards = self._shards[round]
-        ds = epoch_dataset(self.store, shards, self.weights, self.seed, epoch,
-                           self.pairs, self.balanced).materialize()
+        if sum(s.num_rows for s in shards) <= self.in_process_rows:
+            # Small: Ray Data's tasks and shuffles would cost more than the work (seconds).
+            columns = TRAIN_COLUMNS + (["prompt_id"] if self.pairs or self.balanced else [])
+            ds = ray.data.from_arrow(epoch_table(
+                self.store.read_table(shards, columns), self.weights, self.seed, epoch,
+                self.pairs, self.balanced)).materialize()
+        else:
+            ds = epoch_dataset(self.store, shards, self.weights, self.seed, epoch,
+                               self.pairs, self.balanced).materialize()
         if self.pairs:
             if ds.count() == 0:
                 raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
@@ -224,10 +247,16 @@ class EpochPlanner:
             self._future(round, epoch + 1)
         return splits[rank]
 
+    def close(self) -> None:
+        """Waits for a background build (a planner used in-process must not leave one running
+        past its Ray session)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
 
 def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mapping[int, float],
                   seed: int, world_size: int, pairs: bool = False,
-                  run_rows: int | None = None, balanced: bool = False) -> Any:
+                  run_rows: int | None = None, balanced: bool = False,
+                  in_process_rows: int = 0) -> Any:
     """Starts an EpochPlanner actor (no CPU of its own: the Ray Data tasks it runs take theirs).
     If its node is lost, Ray restarts it elsewhere and retries the calls; it rebuilds any epoch
     in the same order, and the trainers, restarted by Ray Train, ask for their splits again
@@ -235,7 +264,7 @@ def planner_actor(store_root: str, rounds: Sequence[int] | None, weights: Mappin
     remote_cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1,
                             max_task_retries=-1)(EpochPlanner)
     return remote_cls.remote(store_root, rounds, weights, seed, world_size, pairs, run_rows,
-                             balanced)
+                             balanced, in_process_rows)
 
 
 def split_step_batches(split: ray.data.Dataset, micro_batch: int, grad_accum: int,

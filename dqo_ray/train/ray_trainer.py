@@ -233,7 +233,8 @@ class RoundTrainer:
             cfg.store, cfg.data.rounds or None, {int(k): v for k, v in cfg.data.round_weights.items()},
             cfg.data.shuffle_seed, tcfg.num_workers, pairs=cfg.algo.name == "dpo",
             run_rows=tcfg.max_steps * tcfg.micro_batch_size * tcfg.grad_accum_steps
-            * tcfg.num_workers, balanced=self.balanced)
+            * tcfg.num_workers, balanced=self.balanced,
+            in_process_rows=cfg.data.epoch_in_process_rows)
         self.trainer = TorchTrainer(
             _worker_main,
             train_loop_config={"config": to_dict(cfg), "policy_path": policy_path,
@@ -246,9 +247,10 @@ class RoundTrainer:
             run_config=ray.train.RunConfig(  # Ray's, not dqo_ray.config.RunConfig
                 name="train", storage_path=str(self.run_dir),
                 failure_config=FailureConfig(max_failures=tcfg.max_failures),
-                # trainer.num_to_keep per round, as when each round was a run of its own:
-                # the evaluator may still be scoring a round's checkpoints when the next ends.
-                checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep * rounds),
+                # trainer.num_to_keep for each of the last two rounds: the evaluator may still
+                # be scoring a round's checkpoints when the next ends; disk does not grow.
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=tcfg.num_to_keep * min(rounds, 2)),
                 worker_runtime_env={"env_vars": WORKER_ENV}),
         )
         self._thread: threading.Thread | None = None
