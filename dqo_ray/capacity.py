@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dqo_ray.plan import Cluster, Plan, make_plan
+from dqo_ray.clusters import Cluster
+from dqo_ray.plan import Plan, make_plan
 
 if TYPE_CHECKING:
     from dqo_ray.config import Config

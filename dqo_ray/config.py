@@ -101,7 +101,7 @@ class RayConfig:
     def check(self) -> list[str]:
         if self.cluster is None:
             return []
-        from dqo_ray.plan import PlanError, parse_cluster
+        from dqo_ray.clusters import PlanError, parse_cluster
 
         try:
             parse_cluster(self.cluster)

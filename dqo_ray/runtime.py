@@ -215,9 +215,9 @@ def check_run_folder_shared(run_dir: str | os.PathLike, wait_s: float = 30.0,
 
 def running_cluster(gpu_memory_gib: float | None = None):
     """The alive nodes of the Ray cluster this process is connected to, as a
-    `dqo_ray.plan.Cluster` (GPU types from Ray's accelerator_type resources)."""
+    `dqo_ray.clusters.Cluster` (GPU types from Ray's accelerator_type resources)."""
     import ray
 
-    from dqo_ray.plan import cluster_from_ray_nodes
+    from dqo_ray.clusters import cluster_from_ray_nodes
 
     return cluster_from_ray_nodes(ray.nodes(), gpu_memory_gib)

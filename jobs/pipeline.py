@@ -50,6 +50,7 @@ import ray
 from actors.evaluator import start_evaluator
 from actors.generator import GeneratorPool
 from dqo_ray.capacity import CapacityWatch
+from dqo_ray.clusters import parse_cluster
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, save_resolved
 from dqo_ray.config import to_dict as config_to_dict
 from dqo_ray.data.ingest import IngestError, ingest_file
@@ -59,8 +60,9 @@ from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import round_table, write_pipeline_summary
 from dqo_ray.evaluation.round_costs import round_breakdown
 from dqo_ray.io import read_jsonl
+from dqo_ray.model_shapes import model_shape
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
-from dqo_ray.plan import Plan, make_plan, model_shape, parse_cluster
+from dqo_ray.plan import Plan, make_plan
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import (
     ENGINE_LOG,

@@ -16,8 +16,10 @@ import logging
 import os
 import sys
 
+from dqo_ray.clusters import Cluster, PlanError, parse_cluster
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args
-from dqo_ray.plan import Cluster, Plan, PlanError, make_plan, model_shape, parse_cluster
+from dqo_ray.model_shapes import model_shape
+from dqo_ray.plan import Plan, make_plan
 
 
 def plan_for(cfg: Config, cluster: Cluster) -> Plan:

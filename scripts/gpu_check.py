@@ -122,12 +122,12 @@ def environment(cuda: bool) -> list[tuple[str, str]]:
 
 
 def peak_tflops(cuda: bool) -> float:
-    """bf16 dense peak of this GPU from dqo_ray.plan's table (0 when unknown)."""
+    """bf16 dense peak of this GPU from dqo_ray.clusters' table (0 when unknown)."""
     if not cuda:
         return 0.0
     import torch
 
-    from dqo_ray.plan import GPU_KINDS
+    from dqo_ray.clusters import GPU_KINDS
 
     name = torch.cuda.get_device_name(0).upper()
     for kind in sorted(GPU_KINDS.values(), key=lambda k: -len(k.name)):  # L40S before L4
@@ -225,8 +225,9 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
 
     from dqo_ray.config import load_config
     from dqo_ray.device import EngineUnavailable
+    from dqo_ray.model_shapes import shape_from_hf_config
     from dqo_ray.models import ValueModel, ValueModelConfig, attn_implementation
-    from dqo_ray.plan import shape_from_hf_config, trainer_memory
+    from dqo_ray.plan_memory import trainer_memory
     from dqo_ray.train.loop import _train_step
     from dqo_ray.train.train_engine import build_engine, import_deepspeed
 
@@ -312,7 +313,7 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
 def _gpu(cuda: bool):
     import torch
 
-    from dqo_ray.plan import GPUKind
+    from dqo_ray.clusters import GPUKind
 
     if not cuda:
         return GPUKind("cpu", 0.0, 0.0)

@@ -13,19 +13,19 @@ import pytest
 from conftest import REPO
 
 from dqo_ray.capacity import CapacityWatch, shortfall
-from dqo_ray.config import ConfigError, load_config
-from dqo_ray.plan import (
+from dqo_ray.clusters import (
     Ask,
     Cluster,
     Node,
     PlanError,
     cluster_from_ray_nodes,
     gpu_kind,
-    make_plan,
-    model_shape,
     parse_cluster,
     place,
 )
+from dqo_ray.config import ConfigError, load_config
+from dqo_ray.model_shapes import model_shape
+from dqo_ray.plan import make_plan
 
 QWEN = "Qwen/Qwen2.5-1.5B-Instruct"  # sized from the table of known models: no download
 GPU_RUN = ["trainer.use_gpu=true", "generation.gpus_per_engine=1", "eval.gpus=1",

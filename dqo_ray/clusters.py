@@ -1,0 +1,169 @@
+"""Clusters for the plan: GPU kinds (datasheet memory and peak), nodes, a cluster written as
+NODESxGPUSxTYPE[-MEMGB][:CPUScpu] or read from `ray.nodes()`, and what a role asks of it
+(`Ask`) placed first-fit (`place`). Pure: no Ray, no config; `dqo_ray.config` checks
+ray.cluster with `parse_cluster`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class PlanError(ValueError):
+    """A cluster description that cannot be read (the message names it)."""
+
+
+@dataclass(frozen=True)
+class GPUKind:
+    name: str
+    memory_gib: float
+    bf16_tflops: float
+    """Dense bf16 tensor-core peak (datasheet), for MFU."""
+
+
+# Datasheet numbers (SXM parts where there are two). A100 without a memory suffix is the 40 GB
+# part (AWS p4d, GCP a2-highgpu): the smaller one, so a plan never counts on memory it lacks.
+GPU_KINDS: dict[str, GPUKind] = {k.name: k for k in (
+    GPUKind("H100", 80, 989), GPUKind("H200", 141, 989), GPUKind("B200", 180, 2250),
+    GPUKind("A100", 40, 312), GPUKind("L40S", 48, 362), GPUKind("L4", 24, 121),
+    GPUKind("A10G", 24, 70),
+)}
+
+DEFAULT_CPUS_PER_GPU = 12
+"""CPUs a described GPU node is assumed to have per GPU when the description does not say
+(p4d: 96 for 8 GPUs; p5 and a3 have more)."""
+
+
+def gpu_kind(name: str, memory_gib: float | None = None) -> GPUKind:
+    """"H100", "H100-80GB", "A100-80G" (Ray's accelerator type names), "l4" -> a GPUKind; an
+    unknown name is kept with the memory given (0 = unknown: memory is then not estimated)."""
+    match = re.fullmatch(r"([A-Za-z0-9]+?)(?:[-_](\d+(?:\.\d+)?)G(?:B|IB)?)?", name.strip(),
+                         re.IGNORECASE)
+    if not match:
+        raise PlanError(f"GPU type {name!r} is not a name such as H100 or A100-80GB")
+    base, size = match.group(1).upper(), match.group(2)
+    known = GPU_KINDS.get(base)
+    memory = memory_gib or (float(size) if size else (known.memory_gib if known else 0.0))
+    return GPUKind(base, memory, known.bf16_tflops if known else 0.0)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    cpus: float
+    gpus: int
+    gpu: GPUKind | None = None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    label: str
+    nodes: tuple[Node, ...]
+
+    @property
+    def gpus(self) -> int:
+        return sum(n.gpus for n in self.nodes)
+
+    @property
+    def cpus(self) -> float:
+        return sum(n.cpus for n in self.nodes)
+
+    def describe(self) -> str:
+        kinds = sorted({f"{n.gpu.name} {format_number(n.gpu.memory_gib)} GiB" for n in self.nodes
+                        if n.gpu and n.gpus})
+        return (f"{self.label}: {len(self.nodes)} node(s), {self.gpus} GPUs"
+                f"{' (' + ', '.join(kinds) + ')' if kinds else ''}, {format_number(self.cpus)} CPUs")
+
+
+CLUSTER_SPEC = re.compile(r"(\d+)x(\d+)x([A-Za-z0-9.\-_]+?)(?::(\d+)cpus?)?", re.IGNORECASE)
+
+
+def parse_cluster(spec: str) -> Cluster:
+    """NODESxGPUSxTYPE[-MEMGB][:CPUScpu], e.g. 2x8xH100, 2x8xH100-80GB, 1x8xA100-40GB:96cpu:
+    identical nodes; CPUs default to DEFAULT_CPUS_PER_GPU per GPU."""
+    match = CLUSTER_SPEC.fullmatch(spec.strip())
+    if not match:
+        raise PlanError(f"{spec!r} is not a cluster NODESxGPUSxTYPE[-MEMGB][:CPUScpu] such as "
+                        "2x8xH100-80GB")
+    nodes, gpus, kind, cpus = match.groups()
+    if int(nodes) < 1 or int(gpus) < 1:
+        raise PlanError(f"{spec!r}: needs at least one node and one GPU per node")
+    gpu = gpu_kind(kind)
+    if not gpu.memory_gib:
+        raise PlanError(f"{spec!r}: GPU type {gpu.name} has no known memory size; say it, "
+                        f"e.g. {gpu.name}-80GB")
+    node_cpus = float(cpus) if cpus else float(DEFAULT_CPUS_PER_GPU * int(gpus))
+    return Cluster(spec.strip(), tuple(Node(f"node{i}", node_cpus, int(gpus), gpu)
+                                       for i in range(int(nodes))))
+
+
+RUNNING = "the running Ray cluster"
+
+
+def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
+                           gpu_memory_gib: float | None = None) -> Cluster:
+    """The alive nodes of `ray.nodes()` as a Cluster. A node's GPU type is Ray's
+    `accelerator_type:<name>` resource; its memory comes from GPU_KINDS (or `gpu_memory_gib`)."""
+    out = []
+    for node in nodes:
+        if not node.get("Alive", node.get("alive", True)):
+            continue
+        resources = node.get("Resources", {})
+        gpus = int(resources.get("GPU", 0))
+        kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+        gpu = gpu_kind(kinds[0], gpu_memory_gib) if kinds else (
+            GPUKind("GPU", gpu_memory_gib or 0.0, 0.0) if gpus else None)
+        name = f"{node.get('NodeManagerAddress', '?')} ({str(node.get('NodeID', '?'))[:12]})"
+        out.append(Node(name, float(resources.get("CPU", 0)), gpus, gpu))
+    return Cluster(RUNNING, tuple(out))
+
+
+# -- what a role asks for, placed on a cluster ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ask:
+    """`count` units of one role, each needing `gpus` GPUs (on one node) and `cpus` CPUs."""
+
+    role: str
+    count: int
+    gpus: int
+    cpus: float
+    what: str = ""
+
+    def unit(self) -> str:
+        parts = [f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"] if self.gpus else []
+        parts.append(f"{format_number(self.cpus)} CPU{'s' if self.cpus != 1 else ''}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.count} x ({self.unit()})"
+
+
+def place(cluster: Cluster, asks: Sequence[Ask]) -> str | None:
+    """First-fit decreasing of every unit onto the nodes (GPUs and CPUs of a unit on one node);
+    None when all fit, else the unit that does not (named by role). CPU-only units go to nodes
+    without GPUs first, as Ray's scheduler prefers."""
+    # By position: several Ray nodes may share a machine (and so an address).
+    free = [[n.gpus, n.cpus] for n in cluster.nodes]
+    units = [(a, i) for a in asks for i in range(a.count)]
+    units.sort(key=lambda u: (-u[0].gpus, -u[0].cpus))  # stable: role order breaks ties
+    for ask, i in units:
+        order = range(len(cluster.nodes))
+        if not ask.gpus:
+            order = sorted(order, key=lambda k: cluster.nodes[k].gpus > 0)
+        for k in order:
+            gpus, cpus = free[k]
+            if gpus >= ask.gpus and cpus >= ask.cpus - 1e-9:
+                free[k] = [gpus - ask.gpus, cpus - ask.cpus]
+                break
+        else:
+            return f"{ask.role} {i + 1} of {ask.count} ({ask.unit()})"
+    return None
+
+
+def format_number(x: float) -> str:
+    """12.0 -> "12", 0.5 -> "0.5" (counts of CPUs and GiB in messages)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
