@@ -270,11 +270,12 @@ class DataConfig:
     shuffle_seed: int = 0
     ref_actors: int = field(default=1, metadata=_range(ge=1))
     """Actors in the reference-scoring pool (one GPU each on GPU clusters)."""
-    epoch_in_process_rows: int = field(default=200_000, metadata=_range(ge=0))
+    epoch_in_process_rows: int = field(default=50_000, metadata=_range(ge=0))
     """Rows of a round up to which the epoch planner builds each epoch with pyarrow in its own
     process (sub-second at the demo's size) rather than with Ray Data tasks and shuffles
     (seconds of fixed cost, but spread over the cluster for large data); same rows, same
-    order either way."""
+    order either way. The planner holds such a round in memory (~16 bytes per token: 50k
+    rows of 1k tokens ~ 0.8 GB) on the driver's node."""
     ref_batch_size: int = field(default=8, metadata=_range(ge=1))
     """Rows per pi_ref forward when scoring (in the engines, or the Ray Data stage)."""
 
@@ -529,6 +530,13 @@ class Config:
                     "generation.max_new_tokens, eval.max_new_tokens"
                     + (" and the process-reward continuations" if gen.process_reward_samples
                        else "") + ")")
+        bf16 = self.model.dtype == "bfloat16" or (self.model.dtype == "auto"
+                                                  and self.trainer.use_gpu)
+        if bf16 and self.trainer.engine != "torch" and self.trainer.zero_stage == 0:
+            problems.append("trainer.zero_stage: 0 with bf16 training (model.dtype "
+                            f"{self.model.dtype!r}{' on GPUs' if self.trainer.use_gpu else ''})"
+                            ": DeepSpeed without ZeRO updates the bf16 weights with no fp32 "
+                            "master copy; use zero_stage >= 1 (stage 1 moves as many bytes as DDP)")
         if self.algo.name == "dpo" and self.trainer.micro_batch_size % 2:
             problems.append(f"trainer.micro_batch_size: {self.trainer.micro_batch_size} must be "
                             "even for algo.name 'dpo' (a batch holds whole (chosen, rejected) "

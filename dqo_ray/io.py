@@ -6,6 +6,10 @@
   survive a writer killed mid-line: the next row starts on a fresh line, and the reader
   skips a line that is not a JSON object instead of failing on the whole history.
 
+- `writing` / `DiskFull`: "no space left" while writing becomes one error naming the file
+  and what was being written; `disk_full_in` finds it behind Ray's wrappers, so a job ends
+  with that line (exit 2) and, once space is freed, resumes.
+
 - `filesystem`: a local path or a URI (`file://`, `s3://`, `gs://`) -> the pyarrow
   filesystem and the path inside it, for what may live in object storage (the trajectory
   store, ingested files, checkpoints to copy).
@@ -18,14 +22,16 @@ The trajectory store writes through those filesystems with its own commit protoc
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
@@ -44,11 +50,61 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]
-                 ) -> Path:
+class DiskFull(OSError):
+    """No space left on the file system of `filename` while writing something (named)."""
+
+    def __str__(self) -> str:
+        return (f"disk full: no space left for {self.filename} ({self.strerror}); free space "
+                "there and run the same command again: it resumes")
+
+
+def _no_space(exc: BaseException) -> bool:
+    # pyarrow raises OSError without errno, its message carrying the C library's words.
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turns "no space left" while writing `path` (Python's or pyarrow's) into DiskFull."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        if not _no_space(exc):
+            raise
+        raise DiskFull(errno.ENOSPC, f"while writing {what}", os.fspath(path)) from exc
+
+
+def disk_full_in(exc: BaseException) -> DiskFull | None:
+    """The DiskFull behind `exc`: itself, its causes, a Ray task's cause, a Ray Train worker's
+    failure (the trainer's checkpoint writes run in worker processes)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DiskFull):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, Mapping):
+            todo += list(failures.values())
+        todo += list(getattr(e, "exceptions", ()) or ())
+    return None
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None],
+                 what: str = "a file") -> Path:
     """Writes `data` (bytes, text as UTF-8, or a function writing to a binary file) to `path`
-    atomically, creating its folder; returns the path."""
+    atomically, creating its folder; returns the path. `what` names it if the disk is full."""
     path = Path(path)
+    with writing(path, what):
+        return _atomic_write(path, data)
+
+
+def _atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -78,7 +134,7 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(dict(record), default=str) + "\n").encode()
-    with open(path, "a+b") as f:  # "a": every write goes to the end; "+": to peek at it
+    with writing(path, "a log record"), open(path, "a+b") as f:  # "a": every write goes to the end; "+": to peek at it
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":

@@ -110,4 +110,5 @@ class RunState:
     def _save(self) -> None:
         atomic_write(self.path, json.dumps({"config": self.fingerprint,
                                             "attempts": self.attempts,
-                                            "stages": self.stages}, indent=1, default=str))
+                                            "stages": self.stages}, indent=1, default=str),
+                     what="the run's record of finished stages")

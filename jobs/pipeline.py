@@ -29,7 +29,9 @@ round r trains; the log reports how long both ran at once. The trainer's workers
 and the evaluator live for the whole run, so the plan needs room for all of them at once.
 Re-running the same command after a crash or `ray job stop` skips every recorded stage and
 resumes the first unfinished one from its own partial work (stored prompts, the trainer's last
-committed checkpoint, at the exact step).
+committed checkpoint, at the exact step). One driver holds a run folder at a time
+(run_dir/driver.lock, dqo_ray.driver_lock): a second is refused with the first's host, pid and
+job; a dead driver's lock is taken over.
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ from dqo_ray.config import to_dict as config_to_dict
 from dqo_ray.data.ingest import IngestError, ingest_file
 from dqo_ray.data.store import StoreError, TrajectoryStore
 from dqo_ray.data.streams import score_reference
+from dqo_ray.driver_lock import DriverLock, RunFolderBusy
 from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import round_table, write_pipeline_summary
 from dqo_ray.evaluation.round_costs import round_breakdown
-from dqo_ray.io import read_jsonl
+from dqo_ray.io import disk_full_in, read_jsonl
 from dqo_ray.model_shapes import model_shape
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.plan import Plan, make_plan
@@ -404,6 +407,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # One driver per run folder: a second one (a re-submit while the first still runs) would
+    # run the same stages at once. Taken before Ray is joined, so a refused driver starts nothing.
+    lock = DriverLock(cfg.run.run_dir, on_lost=_thread.interrupt_main)
+    try:
+        lock.acquire()
+    except RunFolderBusy as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return run_with_lock(cfg, plan, lock)
+    except Exception as exc:
+        full = disk_full_in(exc)
+        if full is None:
+            raise
+        print(full, file=sys.stderr)  # nothing is half-written: a re-run resumes
+        return 2
+    finally:
+        lock.release()
+
+
+def run_with_lock(cfg: Config, plan: Plan | None, lock: DriverLock) -> int:
+    """The rest of `main`, while this driver holds the run folder."""
     init_ray(cfg.ray, Path(cfg.run.run_dir) / ENGINE_LOG)
     if plan is not None:
         now = running_cluster()
@@ -434,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if lock.lost:
+            print(f"{lock.path}: another driver took over this run folder; this one stopped",
+                  file=sys.stderr)
+            return 1
         if watch.failure is None:
             raise
         print(watch.failure, file=sys.stderr)

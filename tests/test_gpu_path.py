@@ -403,6 +403,55 @@ def test_torch_engine_bf16_keeps_fp32_master_weights(tiny_checkpoint):
     assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
 
 
+def test_deepspeed_bf16_sums_and_reduces_gradients_in_fp32():
+    from dqo_ray.train.train_engine import deepspeed_config
+
+    cfg = load_config(None, ["trainer.zero_stage=2", "trainer.grad_accum_steps=4"]).trainer
+    bf16 = deepspeed_config(cfg, bf16=True)
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert bf16["communication_data_type"] == "fp32"
+    assert bf16["bf16"] == {"enabled": True} and bf16["zero_optimization"] == {"stage": 2}
+    fp32 = deepspeed_config(cfg, bf16=False)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32
+
+
+DEEPSPEED_BF16 = """
+import torch
+from dqo_ray.config import load_config
+from dqo_ray.models import load_policy
+from dqo_ray.train.train_engine import build_engine, init_single_process_group
+init_single_process_group()
+cfg = load_config(None, ["trainer.zero_stage=2", "trainer.grad_accum_steps=2",
+                         "trainer.micro_batch_size=1"]).trainer
+engine = build_engine("deepspeed", load_policy({path!r}), 1e-3, cfg, bf16=True).engine
+print(engine.get_data_types(), engine.communication_data_type,
+      engine.optimizer.gradient_accumulation_dtype,
+      engine.optimizer.single_partition_of_fp32_groups[0].dtype)
+"""
+
+
+def test_a_deepspeed_zero2_bf16_engine_accumulates_in_fp32(tiny_checkpoint, tmp_path):
+    """The config as DeepSpeed reads it (a real engine, ZeRO-2 bf16 on the CPU, in a process
+    of its own for its process group): bf16 model, fp32 accumulation, reduction and master
+    weights."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_BF16.format(path=str(tiny_checkpoint))],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == (
+        "(torch.bfloat16, torch.float32) torch.float32 torch.float32 torch.float32")
+
+
+def test_bf16_without_zero_is_refused():
+    with pytest.raises(ConfigError, match="trainer.zero_stage: 0 with bf16 training"):
+        load_config(None, ["trainer.zero_stage=0", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="on GPUs"):
+        load_config(None, ["trainer.zero_stage=0", "trainer.use_gpu=true"])
+    load_config(None, ["trainer.zero_stage=0", "trainer.engine=torch", "model.dtype=bfloat16"])
+    load_config(None, ["trainer.zero_stage=0"])  # fp32 on the CPU
+
+
 # -- 7. tensor-parallel engines -----------------------------------------------------------------------
 
 

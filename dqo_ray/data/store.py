@@ -56,7 +56,7 @@ from dqo_ray.data.schema import (
     validate_rows,
     validate_table,
 )
-from dqo_ray.io import filesystem, is_uri
+from dqo_ray.io import filesystem, is_uri, writing
 
 __all__ = ["ShardInfo", "StoreError", "TrajectoryStore"]
 
@@ -153,6 +153,10 @@ class TrajectoryStore:
     def _write_bytes_atomic(self, relative: str, write) -> None:
         """Writes a file via `write(stream)` so that it appears complete or not at all."""
         target = self._abs(relative)
+        with writing(target, "the trajectory store"):
+            self._write_file(target, write)
+
+    def _write_file(self, target: str, write) -> None:
         folder, base = target.rsplit("/", 1)
         if not self._local:
             # A single PUT on an object store is atomic: readers see the old object or the new.

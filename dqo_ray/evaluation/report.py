@@ -299,7 +299,7 @@ def write_pipeline_summary(run_dir: Path, stages: Mapping[str, Mapping[str, Any]
     costs = round_breakdown(stages, read_jsonl(run_dir / "train_metrics.jsonl"))
     if costs["rounds"]:
         lines += ["", breakdown_markdown(costs).replace("## ", "### ", 1)]
-    return atomic_write(run_dir / PIPELINE_FILE, "\n".join(lines) + "\n")
+    return atomic_write(run_dir / PIPELINE_FILE, "\n".join(lines) + "\n", what="the report")
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +379,7 @@ def write_report(run_dir: str | os.PathLike,
     if (run_dir / PIPELINE_FILE).exists():
         text += "\n" + (run_dir / PIPELINE_FILE).read_text()
     data = text.encode()
-    atomic_write(report, lambda f: f.write(data))
-    atomic_write(plot, lambda f: _plot(f"{title}: accuracy per checkpoint", rows, f))
+    atomic_write(report, lambda f: f.write(data), what="the report")
+    atomic_write(plot, lambda f: _plot(f"{title}: accuracy per checkpoint", rows, f),
+                 what="the report's plot")
     return report, plot

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from dqo_ray.config import AlgoConfig, Config
 from dqo_ray.device import collective_device
-from dqo_ray.io import append_jsonl, atomic_write
+from dqo_ray.io import append_jsonl, atomic_write, writing
 from dqo_ray.models import (
     attn_implementation,
     load_policy,
@@ -57,7 +57,7 @@ class TrainState:
     tokens: int = 0  # response tokens consumed in total (all workers)
 
     def save(self, path: Path) -> None:
-        atomic_write(path, json.dumps(dataclasses.asdict(self)))
+        atomic_write(path, json.dumps(dataclasses.asdict(self)), what="the trainer's state")
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
@@ -318,12 +318,13 @@ def _save_checkpoint(engines: dict[str, TrainEngine], state: TrainState, io: Wor
     last) + HF exports in `export_dtype` (the training dtype: bf16 on GPUs);
     trainer_state.json written last."""
     folder = io.scratch / f"rank{io.rank}" / f"checkpoint-{state.step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, engine in engines.items():
-        engine.save(folder / f"{name}_state")
-    export_hf(engines["policy"], folder / "policy", io.rank, policy_path, export_dtype)
-    if "value" in engines:
-        export_hf(engines["value"], folder / "value", io.rank, None, export_dtype)
-    if io.rank == 0:
-        state.save(folder / STATE_FILE)
+    with writing(folder, f"checkpoint {state.step} (rank {io.rank})"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, engine in engines.items():
+            engine.save(folder / f"{name}_state")
+        export_hf(engines["policy"], folder / "policy", io.rank, policy_path, export_dtype)
+        if "value" in engines:
+            export_hf(engines["value"], folder / "value", io.rank, None, export_dtype)
+        if io.rank == 0:
+            state.save(folder / STATE_FILE)
     return folder

@@ -45,6 +45,7 @@ from dqo_ray.data.groups import outcome_mix, require_mixed
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.data.streams import TrajectoryCollate, planner_actor, split_step_batches
 from dqo_ray.device import choose_device
+from dqo_ray.io import writing
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
 from dqo_ray.models.weights import weights_blob
 from dqo_ray.runtime import WORKER_ENV, init_ray, record_placement
@@ -99,9 +100,10 @@ def _worker_main(config: dict[str, Any]) -> None:
         # A deterministic name (checkpoint-<step>) lets the evaluator find each checkpoint
         # from the metrics file, which rank 0 writes only after this report has persisted it.
         # The local copy goes once uploaded: nothing piles up in the temp folder over rounds.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=folder.name,
-                         delete_local_checkpoint_after_upload=True)
+        with writing(f"{run_dir}/train/{folder.name}", "a checkpoint into the run folder"):
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=folder.name,
+                             delete_local_checkpoint_after_upload=True)
         shutil.rmtree(folder, ignore_errors=True)
         if rank == 0:
             coordinator.checkpointed.remote(f"{run_dir}/train/{folder.name}")

@@ -139,6 +139,26 @@ def clear_stale_build_lock(name: str = SHM_OP, built_grace_s: float = 60.0,
     return True
 
 
+def deepspeed_config(cfg: TrainerConfig, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed's config for one trained model. With bf16, gradients are summed over
+    micro-batches and reduced across ranks in fp32: DeepSpeed's default for both is the
+    model's bf16, whose 8-bit mantissa drops small contributions. bf16 needs ZeRO >= 1 (the
+    fp32 master weights live in ZeRO's optimizer; Config refuses stage 0 with bf16)."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # the loop reports metrics itself
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
+
+
 class DeepSpeedTrainEngine:
     def __init__(self, model: nn.Module, lr: float, cfg: TrainerConfig, bf16: bool) -> None:
         cuda = next(model.parameters()).device.type == "cuda"
@@ -146,17 +166,9 @@ class DeepSpeedTrainEngine:
         if not cuda:
             clear_stale_build_lock()
         optimizer, schedule = _optimizer_and_schedule(model, lr, cfg)
-        config = {
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum_steps,
-            "gradient_clipping": cfg.max_grad_norm,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 10**9,  # the loop reports metrics itself
-            "wall_clock_breakdown": False,
-        }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               lr_scheduler=schedule, config=config)
+                                               lr_scheduler=schedule,
+                                               config=deepspeed_config(cfg, bf16))
         self.module = self.engine.module
         self.zero_stage = cfg.zero_stage
         self.schedule = schedule
