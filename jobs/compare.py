@@ -25,6 +25,7 @@ import ray
 
 from actors.evaluator import start_evaluator
 from dqo_ray.config import Config, ConfigError, add_config_args, config_from_args, to_dict
+from dqo_ray.driver_lock import DriverLock, RunFolderBusy
 from dqo_ray.evaluation import read_results
 from dqo_ray.evaluation.paired import write_comparison
 from dqo_ray.models import load_tokenizer
@@ -54,7 +55,8 @@ def run_algorithm(cfg: Config, algo: str, label: str | None = None) -> Path:
     cfg = variant(cfg, label or algo, algo=dataclasses.replace(cfg.algo, name=algo),
                   generation=generation)
     log.info("== %s: pipeline run %s", label or algo, cfg.run.run_dir)
-    Pipeline(cfg, RunState(cfg.run.run_dir, to_dict(cfg))).run()
+    with DriverLock(cfg.run.run_dir):
+        Pipeline(cfg, RunState(cfg.run.run_dir, to_dict(cfg))).run()
     return Path(cfg.run.run_dir)
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         began = time.perf_counter()
         out = compare(cfg)
-    except (ConfigError, StateError) as exc:
+    except (ConfigError, StateError, RunFolderBusy) as exc:
         print(exc, file=sys.stderr)
         return 2
     print((out / "compare.md").read_text())
