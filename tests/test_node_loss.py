@@ -27,9 +27,11 @@ CLUSTER_ENV = {"RAY_LOCAL_PORT": "6392", "RAY_LOCAL_DASHBOARD_PORT": "8277",
                "RAY_LOCAL_TMP": "/tmp/ray_nl", "RAY_LOCAL_AGENT_PORT_BASE": "53300",
                # ci-small needs up to 3.5 CPUs at once: one node of 4 can still hold it.
                "RAY_LOCAL_HEAD_CPUS": "0", "RAY_LOCAL_WORKER_CPUS": "4",
-               # A lost node is declared dead after ~3 s of missed health checks, not ~30 s.
+               # A killed node refuses the checks at once: dead after ~10 s (Ray's defaults:
+               # ~15 s). A live node stalled by the suite's load (its checks time out after
+               # 5 s each) must miss 10 in a row, ~1 min: 3 x 1 s once killed a healthy node.
                "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-               "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+               "RAY_health_check_timeout_ms": "5000", "RAY_health_check_failure_threshold": "10"}
 PROMPTS, SAMPLES, STEPS = 64, 2, 32  # ~15 s of training: still going when a node is lost
 OVERRIDES = ["pipeline.rounds=1", f"task.limit={PROMPTS}",
              "generation.chunk_prompts=4",  # 16 chunks
