@@ -278,10 +278,17 @@ class Pipeline:
     # -- the evaluator: one actor, replaced when it (or its node) is lost ----------------------
 
     def start_evaluator(self) -> None:
+        """Starts the evaluator without waiting for its engine to load (the generator's
+        engines and the trainer start meanwhile); its placement is recorded once it is up."""
         self.evaluator = start_evaluator(self.cfg, self.start, str(self.run_dir))
         self.watching = False
-        record_placement(self.run_dir, "evaluator", self.evaluators_lost,
-                         ray.get(self.evaluator.where.remote()))
+        index = self.evaluators_lost
+
+        def record(where: concurrent.futures.Future) -> None:
+            if where.exception() is None:  # else its loss is handled where it is next used
+                record_placement(self.run_dir, "evaluator", index, where.result())
+
+        self.evaluator.where.remote().future().add_done_callback(record)
 
     def watch(self) -> None:
         """Has the evaluator follow the trainer's checkpoints as they are committed (once).
