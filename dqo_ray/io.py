@@ -85,9 +85,10 @@ def disk_full_in(exc: BaseException) -> DiskFull | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, DiskFull):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        cause = getattr(e, "cause", None)  # a Ray task's error: the remote exception itself
+        if isinstance(e, DiskFull) and not isinstance(cause, BaseException):
+            return e  # (Ray's copy is also an instance of DiskFull, without its fields)
+        todo += [cause, e.__cause__, e.__context__]
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, Mapping):
             todo += list(failures.values())

@@ -22,7 +22,7 @@ from dqo_ray.config import ConfigError, add_config_args, config_from_args
 from dqo_ray.data.ingest import IngestError, ingest_file
 from dqo_ray.data.schema import MAX_ERRORS_SHOWN, StoreError
 from dqo_ray.data.store import TrajectoryStore
-from dqo_ray.io import DiskFull
+from dqo_ray.io import DiskFull, disk_full_in
 
 log = logging.getLogger("ingest")
 
@@ -74,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                              reward_incorrect=cfg.algo.reward_incorrect,
                              max_prompt_tokens=cfg.data.max_prompt_tokens,
                              max_response_tokens=cfg.data.max_response_tokens)
-    except (IngestError, StoreError, DiskFull) as exc:  # the input, the store, the disk
+    except (IngestError, StoreError) as exc:  # the input file or the store: the user's to fix
         print(f"ingest failed: {exc}", file=sys.stderr)
+        return 2
+    except DiskFull as exc:  # nothing half-written: a re-run after freeing space resumes
+        print(f"ingest failed: {disk_full_in(exc)}", file=sys.stderr)
         return 2
     print(report.summary())
     print(f"store {store.root}: round {args.round} now has {store.num_rows([args.round])} rows")

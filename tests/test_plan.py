@@ -153,7 +153,7 @@ def test_a_plan_that_does_not_fit_names_the_role_and_numbers():
 
 
 def test_memory_that_does_not_fit_is_refused_with_its_parts():
-    plan = plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct", "trainer.zero_stage=0",
+    plan = plan_of([*GPU_RUN, "model.policy=Qwen/Qwen2.5-7B-Instruct", "trainer.zero_stage=1",
                     "model.gradient_checkpointing=false", "trainer.num_workers=4"],
                    "1x8xH100")
     problem = plan.problems[0]
