@@ -74,7 +74,8 @@ class Cluster:
         kinds = sorted({f"{n.gpu.name} {format_number(n.gpu.memory_gib)} GiB" for n in self.nodes
                         if n.gpu and n.gpus})
         return (f"{self.label}: {len(self.nodes)} node(s), {self.gpus} GPUs"
-                f"{' (' + ', '.join(kinds) + ')' if kinds else ''}, {format_number(self.cpus)} CPUs")
+                f"{' (' + ', '.join(kinds) + ')' if kinds else ''}, "
+                f"{format_number(self.cpus)} CPUs")
 
 
 CLUSTER_SPEC = re.compile(r"(\d+)x(\d+)x([A-Za-z0-9.\-_]+?)(?::(\d+)cpus?)?", re.IGNORECASE)

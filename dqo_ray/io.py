@@ -135,7 +135,8 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(dict(record), default=str) + "\n").encode()
-    with writing(path, "a log record"), open(path, "a+b") as f:  # "a": every write goes to the end; "+": to peek at it
+    # "a": every write goes to the end; "+": to peek at its last byte
+    with writing(path, "a log record"), open(path, "a+b") as f:
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":

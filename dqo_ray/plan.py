@@ -122,7 +122,8 @@ class Plan:
             gpus = sum(a.count * a.gpus for a in asks)
             cpus = sum(a.count * a.cpus for a in asks)
             lines.append(f"| {name} | {', '.join(a.role for a in asks)} | {gpus} of "
-                         f"{self.cluster.gpus} | {format_number(cpus)} of {format_number(self.cluster.cpus)} |")
+                         f"{self.cluster.gpus} | {format_number(cpus)} of "
+                         f"{format_number(self.cluster.cpus)} |")
         if self.memory:
             lines += ["", "memory per GPU (GiB, rough):"]
             lines += [f"- {m.describe()}" for m in self.memory]
@@ -153,8 +154,8 @@ def _fit_problems(cfg: Config, cluster: Cluster, shape: ModelShape | None
             problems.append(
                 f"phase {name} needs {' + '.join(str(a) for a in asks)} = {gpus} GPUs, "
                 f"{format_number(cpus)} CPUs at once; {cluster.label} has {cluster.gpus} GPUs "
-                f"(at most {largest} on a node), {format_number(cluster.cpus)} CPUs: no node has room "
-                f"for {failed}")
+                f"(at most {largest} on a node), {format_number(cluster.cpus)} CPUs: no node has "
+                f"room for {failed}")
     memory = check_memory(cfg, cluster, shape, role_asks(cfg), problems, notes)
     return problems, memory, notes
 

@@ -90,7 +90,8 @@ def trainer_memory(cfg: Config, shape: ModelShape, gpu: GPUKind) -> Memory:
     parts = {"weights": weights / GIB, "gradients": grads / GIB, "optimizer": optim / GIB,
              "activations": acts / GIB, "logits": logits / GIB, "overhead": TRAIN_OVERHEAD_GIB}
     return Memory("trainer", parts, gpu.memory_gib, gpu,
-                  f"[{train_engine_name(cfg)} over {n} worker(s), micro-batch {t.micro_batch_size} x "
+                  f"[{train_engine_name(cfg)} over {n} worker(s), micro-batch "
+                  f"{t.micro_batch_size} x "
                   f"{cfg.data.max_prompt_tokens + cfg.data.max_response_tokens} tokens"
                   f"{', gradient checkpointing' if cfg.model.gradient_checkpointing else ''}]")
 
@@ -129,7 +130,8 @@ def reference_memory(cfg: Config, shape: ModelShape, gpu: GPUKind) -> Memory:
     budget = (1 - cfg.generation.gpu_memory_utilization) * gpu.memory_gib
     return Memory("reference", parts, budget, gpu,
                   f"[batch {cfg.data.ref_batch_size}, beside vLLM: 1 - gpu_memory_utilization "
-                  f"{cfg.generation.gpu_memory_utilization} of {format_number(gpu.memory_gib)} GiB]")
+                  f"{cfg.generation.gpu_memory_utilization} of "
+                  f"{format_number(gpu.memory_gib)} GiB]")
 
 
 def train_engine_name(cfg: Config) -> str:
