@@ -17,12 +17,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import yaml
 from conftest import REPO, write_toy_store
 
 from dqo_ray.data.store import TrajectoryStore
-from dqo_ray.data.streams import EpochPlanner, score_reference
+from dqo_ray.data.streams import EpochPlanner, planner_actor, score_reference
 from dqo_ray.models import ValueModel, load_policy, load_tokenizer
 from jobs import train as train_job
 
@@ -161,19 +162,29 @@ def test_planner_balanced_epoch_is_the_balanced_selection_in_epoch_order(
 def test_an_epoch_built_in_process_equals_the_ray_data_build(tmp_path, tiny_checkpoint,
                                                              ray_address, kind):
     root = tmp_path / "store"
-    write_toy_store(root, tiny_checkpoint, shards=2, rows_per_shard=16, paired=True,
+    write_toy_store(root, tiny_checkpoint, shards=4, rows_per_shard=96, paired=True,
                     correct=lambda shard, i: (i // 2 + shard + i) % 3 == 0)
     options = {"balanced": kind == "balanced", "pairs": kind == "pairs"}
     weights = {0: 1.5}  # some rows twice: copies keep distinct order keys
     built = {}
     for where, rows in (("ray data", 0), ("in process", 10**6)):
-        planner = EpochPlanner(str(root), None, weights, seed=3, world_size=2,
-                               in_process_rows=rows, **options)
-        built[where] = [[(r["traj_id"], r["order_key"], r.get("pair_pos"))
-                         for r in planner.split(1, rank).take_all()] for rank in (0, 1)]
-        planner.close()
+        # As in a run: the planner is an actor, each trainer reads its split in batches.
+        planner = planner_actor(str(root), None, weights, 3, 2, options["pairs"], None,
+                                options["balanced"], rows)
+        splits = [ray.get(planner.split.remote(1, rank)) for rank in (0, 1)]
+        built[where] = ray.get([_read_like_a_trainer.remote(split) for split in splits])
+        ray.kill(planner)
     assert built["in process"] == built["ray data"]
     assert sum(map(len, built["ray data"])) > 0
+
+
+@ray.remote(num_cpus=0)
+def _read_like_a_trainer(split) -> list[tuple]:
+    rows = []
+    for batch in split.iter_batches(batch_size=4, prefetch_batches=4):
+        pair_pos = batch.get("pair_pos", [None] * len(batch["traj_id"]))
+        rows += zip(batch["traj_id"], batch["order_key"], pair_pos, strict=True)
+    return rows
 
 
 def _groups(table) -> dict[str, list[bool]]:

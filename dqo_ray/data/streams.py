@@ -181,27 +181,42 @@ class EpochPlanner:
         if sum(s.num_rows for s in shards) <= self.in_process_rows:
             # Small: Ray Data's tasks and shuffles would cost more than the work (seconds).
             columns = TRAIN_COLUMNS + (["prompt_id"] if self.pairs or self.balanced else [])
-            ds = ray.data.from_arrow(epoch_table(
-                self.store.read_table(shards, columns), self.weights, self.seed, epoch,
-                self.pairs, self.balanced)).materialize()
+            table = epoch_table(self.store.read_table(shards, columns), self.weights,
+                                self.seed, epoch, self.pairs, self.balanced)
+            rows = self._check_rows(table.num_rows, epoch, shards)
+            splits = [ray.data.from_arrow(table.slice(first, length))
+                      for first, length in self._rank_ranges(rows)]
         else:
             ds = epoch_dataset(self.store, shards, self.weights, self.seed, epoch,
                                self.pairs, self.balanced).materialize()
-        if self.pairs:
-            if ds.count() == 0:
-                raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
-                                 f"{sorted({s.round for s in shards})}: DPO needs prompts "
-                                 "with both a correct and an incorrect response")
-            # Contiguous ranges of an even length each: no pair is cut between ranks (and
-            # an even micro_batch_size keeps them whole within a rank's batches).
-            per_rank = ds.count() // (2 * self.world_size) * 2
-            splits = ds.split_at_indices([per_rank * r for r in range(1, self.world_size + 1)])
-            splits = splits[:self.world_size]
-        else:
-            splits = ds.split(self.world_size, equal=True)
+            rows = self._check_rows(ds.count(), epoch, shards)
+            if self.pairs:
+                ranges = self._rank_ranges(rows)
+                splits = ds.split_at_indices([a + n for a, n in ranges])[:self.world_size]
+            else:
+                splits = ds.split(self.world_size, equal=True)
+        for split in splits:
+            # The trainers read their rows in the planned order (the ledger, exact resume):
+            # without this, Ray Data may hand a reader its batches out of order.
+            split.context.execution_options.preserve_order = True
         log.info("round %d epoch %d: %d rows ordered and split %d ways in %.1fs", round, epoch,
-                 ds.count(), self.world_size, time.perf_counter() - start)
+                 rows, self.world_size, time.perf_counter() - start)
         return splits
+
+    def _check_rows(self, rows: int, epoch: int, shards: Sequence[ShardInfo]) -> int:
+        if self.pairs and rows == 0:
+            raise ValueError(f"epoch {epoch}: no preference pair in the store's rounds "
+                             f"{sorted({s.round for s in shards})}: DPO needs prompts "
+                             "with both a correct and an incorrect response")
+        return rows
+
+    def _rank_ranges(self, rows: int) -> list[tuple[int, int]]:
+        """(first row, rows) of each rank: contiguous and equal, at most world-1 rows left
+        over. With pairs, of an even length each: no pair is cut between ranks (and an even
+        micro_batch_size keeps them whole within a rank's batches)."""
+        unit = 2 if self.pairs else 1
+        per_rank = rows // (unit * self.world_size) * unit
+        return [(r * per_rank, per_rank) for r in range(self.world_size)]
 
     def _future(self, round: int, epoch: int) -> Any:
         with self._lock:
