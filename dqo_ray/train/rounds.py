@@ -9,7 +9,7 @@ is gone with the driver, as the run is).
 The coordinator, not Ray Train, is the record of the newest committed checkpoint: Ray Train
 V2 registers a reported checkpoint only at its controller's next poll, so a worker group
 restarted right after a report can get an older `get_checkpoint()` than the one the round
-ended with (`../shared/docs/platform-notes.md`); restarted workers resume from the newer.
+ended with (measured on Ray 2.60); restarted workers resume from the newer.
 """
 
 from __future__ import annotations
