@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ class Evaluator:
         self.engine = engine or make_engine(ecfg.engine, model_path, seed=cfg.run.seed,
                                             kv_cache_gb=cfg.generation.kv_cache_gb,
                                             dtype=cfg.model.dtype,
+                                            in_process=cfg.generation.vllm_in_process,
                                             **cfg.generation.vllm_memory)
         self.loaded = model_path
         tokenizer = load_tokenizer(model_path)
@@ -208,6 +210,16 @@ class Evaluator:
         return len(self._seen)
 
 
+class EvaluatorActor(Evaluator):
+    """The evaluator in a Ray actor process of its own, which yields the CPU (eval.cpu_nice)
+    to the engines and trainers beside it: its scores are not on any round's critical path."""
+
+    def __init__(self, cfg: Config, model_path: str, run_dir: str) -> None:
+        if cfg.eval.cpu_nice:
+            os.nice(cfg.eval.cpu_nice)
+        super().__init__(cfg, model_path, run_dir)
+
+
 def start_evaluator(cfg: Config, model_path: str, run_dir: str) -> Any:
     """The evaluator as a Ray actor (GPU when eval.gpus > 0)."""
     # Blocking calls (evaluate, stop_watching per followed run) each hold a slot; the engine
@@ -215,4 +227,4 @@ def start_evaluator(cfg: Config, model_path: str, run_dir: str) -> Any:
     options: dict[str, Any] = {"num_cpus": cfg.eval.cpus, "max_concurrency": 16}
     if cfg.eval.gpus:
         options["num_gpus"] = cfg.eval.gpus
-    return ray.remote(Evaluator).options(**options).remote(cfg, model_path, run_dir)
+    return ray.remote(EvaluatorActor).options(**options).remote(cfg, model_path, run_dir)

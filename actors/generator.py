@@ -31,6 +31,7 @@ from dqo_ray.algo.process_rewards import shaped_step_rewards, step_ends
 from dqo_ray.config import Config
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_tokenizer
+from dqo_ray.models.weight_broadcast import BroadcastSeat, WeightOffer, seats
 from dqo_ray.runtime import node_info, node_name
 from dqo_ray.storage import CheckpointNotVisible, require_visible
 from dqo_ray.tasks import configure_grading, grade_many
@@ -61,6 +62,7 @@ class EngineWorker:
         self.engine = make_engine(self.gen.engine, model_path, kv_cache_gb=self.gen.kv_cache_gb,
                                   seed=self.gen.seed, dtype=cfg.model.dtype,
                                   tensor_parallel=max(1, self.gen.gpus_per_engine),
+                                  in_process=self.gen.vllm_in_process,
                                   **self.gen.vllm_memory)
         self.tokenizer = load_tokenizer(model_path)
         self.load_error: Exception | None = None
@@ -81,15 +83,16 @@ class EngineWorker:
     def where(self) -> dict[str, Any]:
         return node_info()
 
-    def load_weights(self, checkpoint_dir: str, blob: bytes | None = None) -> float:
-        """From `blob` (the trainer's weights, in memory) when given, else the folder; returns
-        the seconds it took. A failed refresh leaves the engine on old (or half-loaded)
-        weights: remembered, so that no later chunk is sampled from them."""
+    def load_weights(self, checkpoint_dir: str,
+                     weights: bytes | BroadcastSeat | None = None) -> float:
+        """From `weights` (the trainer's, in memory or by broadcast) when given, else the
+        folder; returns the seconds it took. A failed refresh leaves the engine on old (or
+        half-loaded) weights: remembered, so that no later chunk is sampled from them."""
         start = time.perf_counter()
         try:
-            if blob is None:
+            if weights is None:
                 require_visible(checkpoint_dir, node_name(), "an engine")
-            self.engine.load_weights(checkpoint_dir if blob is None else blob)
+            self.engine.load_weights(checkpoint_dir if weights is None else weights)
         except Exception as exc:
             self.load_error = exc
             raise
@@ -268,13 +271,20 @@ class GeneratorPool:
 
     def load_weights(self, checkpoint_dir: str, weights: Any = None) -> float:
         """Refreshes every engine's weights in place (vLLM: reload + prefix-cache reset) to
-        the policy of `checkpoint_dir`: from `weights` (an ObjectRef of its safetensors bytes,
-        from the trainer) when given, no disk involved, else from the folder. The folder is
-        what a replaced engine loads, and the fallback when the bytes are gone (their owner,
-        a trainer worker, died). Returns the seconds the refresh took."""
+        the policy of `checkpoint_dir`: from `weights` when given, no disk involved (an
+        ObjectRef of the trainer's safetensors bytes, or a `WeightOffer` to receive by
+        broadcast), else from the folder. The folder is what a replaced engine loads, and the
+        fallback when the trainer's weights are out of reach (their owner, a trainer worker,
+        died; a broadcast failed). Returns the seconds the refresh took."""
         start = time.perf_counter()
         self.weights = checkpoint_dir
-        refs = [a.load_weights.remote(checkpoint_dir, weights) for a in self.actors]
+        if isinstance(weights, WeightOffer):  # every engine at once: they form one group
+            sources: list[Any] = seats(weights, len(self.actors),
+                                       max(1, self.cfg.generation.gpus_per_engine))
+        else:
+            sources = [weights] * len(self.actors)
+        refs = [actor.load_weights.remote(checkpoint_dir, source)
+                for actor, source in zip(self.actors, sources, strict=True)]
         for i, ref in enumerate(refs):
             try:
                 ray.get(ref)
@@ -285,7 +295,11 @@ class GeneratorPool:
                 self.replaced += 1
             except ray.exceptions.RayTaskError as exc:
                 _raise_unreadable(exc, f"weight refresh of engine {i}")
-                raise
+                if not isinstance(weights, WeightOffer):
+                    raise
+                log.warning("engine %d: the trainer's broadcast failed (%s); loading %s", i,
+                            exc.cause, checkpoint_dir)
+                ray.get(self.actors[i].load_weights.remote(checkpoint_dir))
             except ray.exceptions.ObjectLostError:  # the bytes' owner is gone: use the folder
                 log.warning("engine %d: the trainer's weights are gone from the object store; "
                             "loading %s", i, checkpoint_dir)

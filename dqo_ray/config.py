@@ -359,6 +359,19 @@ class GenerationConfig:
     """m completions per step prefix for Monte-Carlo process rewards; 0 = off."""
     process_reward_alpha: float = 1.0
     step_delimiter: str = "\n"
+    vllm_in_process: bool | None = None
+    """vLLM's engine core and model worker inside the engine actor's process (vLLM's
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than two more processes. None = auto: in process
+    on a CPU, where each extra process imports torch and vLLM again (an engine started in
+    11-13 s instead of 33 s, generating as fast) and vLLM would pin every engine's worker to
+    the same core; separate processes on a GPU, where vLLM overlaps scheduling with the
+    model. With None, a VLLM_ENABLE_V1_MULTIPROCESSING in the environment wins."""
+    weight_transfer: Literal["auto", "object_store", "broadcast"] = "auto"
+    """How a refresh's weights reach the engines from the trainer, without disk: `object_store`
+    = one safetensors blob through Ray's object store; `broadcast` = from the trainer's rank 0
+    to every engine worker over a process group of their own (NCCL on GPUs, gloo on a CPU;
+    `dqo_ray.models.weight_broadcast`). auto = broadcast when the trainer has GPUs (the NCCL
+    path is written, not yet run on a GPU), else object_store."""
     placement: Literal["spread", "pack"] = "spread"
     """How engine actors are placed on a multi-node cluster: `spread` puts them on different
     nodes where it can (generation is the bulk of the work, and spreads memory); `pack` lets
@@ -390,6 +403,11 @@ class EvalConfig:
     k_shot: int = field(default=0, metadata=_range(ge=0))
     engine: Literal["auto", "vllm", "hf"] = "auto"
     cpus: float = field(default=1.0, metadata=_range(gt=0))
+    cpu_nice: int = field(default=5, metadata=_range(ge=0, le=19))
+    """How much lower the evaluator's CPU priority is than the other Ray workers' (an
+    os.nice increment): its scores are on no round's critical path, so on a shared CPU it
+    yields to sampling and training (on the demo the warm start's evaluation slowed round 0's
+    sampling). 0 = the same priority."""
     gpus: int = field(default=0, metadata=_range(ge=0))
     max_restarts: int = field(default=3, metadata=_range(ge=0))
     """How many times the pipeline replaces a lost evaluator (its node gone, a crash) with a

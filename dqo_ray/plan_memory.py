@@ -89,6 +89,10 @@ def trainer_memory(cfg: Config, shape: ModelShape, gpu: GPUKind) -> Memory:
         logits += 8 * tokens * shape.vocab  # the full-vocabulary KL's fp32 log-softmaxes
     parts = {"weights": weights / GIB, "gradients": grads / GIB, "optimizer": optim / GIB,
              "activations": acts / GIB, "logits": logits / GIB, "overhead": TRAIN_OVERHEAD_GIB}
+    if cfg.generation.weight_transfer != "object_store":  # GPUs: auto = broadcast
+        # rank 0 broadcasts the round's policy one tensor at a time; the largest is the
+        # embedding (untied models hold two of that size, sent one after the other)
+        parts["weights to broadcast"] = shape.vocab * shape.hidden * _dtype_bytes(cfg) / GIB
     return Memory("trainer", parts, gpu.memory_gib, gpu,
                   f"[{train_engine_name(cfg)} over {n} worker(s), micro-batch "
                   f"{t.micro_batch_size} x "

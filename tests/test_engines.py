@@ -37,6 +37,8 @@ from actors.generator import EngineWorker
 from dqo_ray.algo import token_logprobs
 from dqo_ray.config import load_config
 from dqo_ray.models import load_policy, load_tokenizer, save_tiny_checkpoint
+from dqo_ray.models.weight_broadcast import WeightSender, seats
+from dqo_ray.models.weights import export_tensors
 from dqo_ray.tasks.items import PromptItem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +245,20 @@ def test_make_engine_auto_picks_vllm(vllm_engine):
                for m in vllm_engine.choice_log), vllm_engine.choice_log
 
 
+def test_vllm_runs_in_the_engine_actors_process_on_cpu_unless_told():
+    """generation.vllm_in_process: auto = in process on a CPU (one process importing vLLM, not
+    three), vLLM's own choice on a GPU; the environment wins over auto; a set value wins."""
+    from actors.engines.vllm_engine import MULTIPROCESSING_ENV, multiprocessing_env
+
+    assert multiprocessing_env(None, True, {}) == {MULTIPROCESSING_ENV: "0"}
+    assert multiprocessing_env(None, False, {}) == {}
+    assert multiprocessing_env(None, True, {MULTIPROCESSING_ENV: "1"}) == {}
+    assert multiprocessing_env(False, True, {MULTIPROCESSING_ENV: "0"}) == {
+        MULTIPROCESSING_ENV: "1"}
+    assert multiprocessing_env(True, False, {}) == {MULTIPROCESSING_ENV: "0"}
+    assert load_config(None).generation.vllm_in_process is None
+
+
 def test_local_checkpoint_copies_uri_top_level(tmp_path):
     src = tmp_path / "ckpt"
     (src / "optimizer").mkdir(parents=True)
@@ -282,9 +298,11 @@ def test_hf_logprobs_match_forward(hf_engine, hf_models, prompts, tok, temperatu
 def test_hf_greedy_and_reload(checkpoints, hf_models, prompts, tok):
     engine = make_engine("hf", checkpoints["old"].as_uri())  # a URI is copied to a temp folder
     spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW, seed=None)
-    for name in ("old", "new"):
-        if name == "new":
+    for step, name in enumerate(("old", "new", "old")):
+        if step == 1:
             engine.load_weights(checkpoints["new"].as_uri())
+        elif step == 2:
+            broadcast_to(engine, hf_models["old"])
         results = engine.generate(prompts, spec)
         check_samples(results, prompts, spec, tok)
         for prompt, (s,) in zip(prompts, results, strict=True):
@@ -336,8 +354,20 @@ def test_vllm_reload_weights(vllm_engine, checkpoints, hf_models, prompts, tok):
     check("old")
     vllm_engine.load_weights(str(checkpoints["new"]))
     check("new")
-    vllm_engine.load_weights(checkpoints["old"].as_uri())  # via the URI copy path, and back
+    broadcast_to(vllm_engine, hf_models["old"])
     check("old")
+    vllm_engine.load_weights(checkpoints["new"].as_uri())  # via the URI copy path
+    check("new")
+    vllm_engine.load_weights(str(checkpoints["old"]))  # as the module's other tests expect
+
+
+def broadcast_to(engine, model) -> None:
+    """The trainer's broadcast (generation.weight_transfer=broadcast) over gloo, from a sender
+    thread here to the engine's worker as a group of two."""
+    sender = WeightSender(export_tensors(model.state_dict()), "gloo", "127.0.0.1", 60)
+    engine.load_weights(seats(sender.offer, engines=1, workers_per_engine=1)[0])
+    assert sender.sent.wait(10) and sender.error is None
+    sender.close()
 
 
 # ---------------------------------------------------------------------------- stop strings

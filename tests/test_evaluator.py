@@ -2,6 +2,7 @@
 and the evaluator actor following a training run on the shared Ray cluster."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,10 @@ def test_evaluator_actor_scores_checkpoints_while_training(tmp_path, tiny_checkp
     run = Path(cfg.run.run_dir)
     evaluator = start_evaluator(cfg, str(tiny_checkpoint), str(run))
     ray.get(evaluator.watch.remote(str(run), 0, 0.2))
+    # it yields the CPU to the engines and trainers: eval.cpu_nice below a Ray worker's
+    worker_nice = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    assert ray.get(evaluator.__ray_call__.remote(lambda self: os.nice(0))) == min(
+        19, worker_nice + cfg.eval.cpu_nice)
     train_on_store(cfg, str(tiny_checkpoint))  # the driver never calls the evaluator
     assert ray.get(evaluator.stop_watching.remote()) == 3
     results = read_jsonl(run / "results.jsonl")

@@ -12,6 +12,8 @@ from actors.generator import GeneratorPool, traj_id_for
 from dqo_ray.config import load_config
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.models import load_policy, load_tokenizer, save_tiny_checkpoint
+from dqo_ray.models.weight_broadcast import WeightSender
+from dqo_ray.models.weights import export_tensors
 from dqo_ray.tasks import grade
 from dqo_ray.tasks.items import PromptItem
 
@@ -115,6 +117,46 @@ def test_weight_refresh_reaches_replaced_actors(tmp_path, tiny_checkpoint, ray_a
         assert response == new[:len(response)] and len(response) in (len(new), 8)
         changed += response != hf_greedy(tiny_checkpoint, item.prompt_ids, 8)[:len(response)]
     assert changed > 0  # the two models really differ on these prompts
+    pool.shutdown()
+
+
+def greedy_rows(pool, items, tmp_path, name):
+    store = TrajectoryStore(str(tmp_path / name))
+    pool.generate(items, round=0, policy_version=1, store=store)
+    return {r["prompt_id"]: r["response_ids"] for r in store.read_table().to_pylist()}
+
+
+def test_engines_take_the_trainers_broadcast_or_fall_back_to_the_folder(tmp_path,
+                                                                         tiny_checkpoint,
+                                                                         ray_address):
+    """generation.weight_transfer=broadcast on a CPU: the trainer's rank 0 (here this process)
+    sends over gloo, both vLLM engine actors join one group and sample from the new weights.
+    A broadcast that cannot happen (its sender is gone) costs a short wait, then every engine
+    loads the round's checkpoint folder."""
+    other = perturbed_copy(tiny_checkpoint, tmp_path / "other")
+    cfg = pool_config(tmp_path, samples_per_prompt=1, temperature=0.0, max_new_tokens=8,
+                      chunk_prompts=2)
+    pool = GeneratorPool(cfg, str(tiny_checkpoint))
+    items = items_for(tiny_checkpoint, 6)
+    host = ray.util.get_node_ip_address()
+    sender = WeightSender(export_tensors(load_policy(other).state_dict()), "gloo", host, 60)
+    pool.load_weights(str(other), sender.offer)
+    assert sender.sent.is_set() and sender.error is None
+    sender.close()
+    rows, changed = greedy_rows(pool, items, tmp_path, "a"), 0
+    for item in items:
+        response, new = rows[item.prompt_id], hf_greedy(other, item.prompt_ids, 8)
+        assert response == new[:len(response)] and len(response) in (len(new), 8)
+        changed += response != hf_greedy(tiny_checkpoint, item.prompt_ids, 8)[:len(response)]
+    assert changed > 0  # the two models really differ on these prompts
+
+    gone = WeightSender(export_tensors(load_policy(other).state_dict()), "gloo", host, 2)
+    gone.close()  # its trainer restarted: nobody serves this offer
+    pool.load_weights(str(tiny_checkpoint), gone.offer)
+    rows = greedy_rows(pool, items, tmp_path, "b")
+    for item in items:
+        old = hf_greedy(tiny_checkpoint, item.prompt_ids, 8)
+        assert rows[item.prompt_id] == old[:len(rows[item.prompt_id])]
     pool.shutdown()
 
 

@@ -25,6 +25,7 @@ from conftest import REPO, write_toy_store
 from dqo_ray.data.store import TrajectoryStore
 from dqo_ray.data.streams import EpochPlanner, planner_actor, score_reference
 from dqo_ray.models import ValueModel, load_policy, load_tokenizer
+from dqo_ray.models.weight_broadcast import receive_weights
 from jobs import train as train_job
 
 pytestmark = pytest.mark.ray
@@ -325,12 +326,43 @@ def test_damaged_shard_stops_training_by_name_before_it_starts(
     assert store.num_rows() == 3 * 96
 
 
+def train_and_receive_the_broadcast(cfg_path: Path, address: str):
+    """One round with generation.weight_transfer=broadcast: rank 0 offers the round's weights
+    (gloo here, NCCL on GPUs) and this process receives them as an engine would, while the
+    trainer is still up. Returns them and the round's saved policy."""
+    from safetensors.torch import load_file
+
+    from dqo_ray.config import load_config
+    from dqo_ray.runtime import init_ray
+    from dqo_ray.train.ray_trainer import RoundTrainer
+
+    cfg = load_config(str(cfg_path), [f"ray.address={address}",
+                                      "generation.weight_transfer=broadcast"])
+    init_ray(cfg.ray)
+    trainer = RoundTrainer(cfg, str(cfg.model.policy), cfg.run.run_dir)
+    try:
+        result = trainer.train_round(0, None)
+        assert result.weights.backend == "gloo"
+        received = dict(receive_weights(result.weights, 1, 2, "cpu"))
+    finally:
+        trainer.close()
+    return received, load_file(Path(result.policy) / "model.safetensors")
+
+
 def test_zero_stages_agree(tmp_path, scored_store, tiny_checkpoint, ray_address):
+    """... and ZeRO-3's gathered weights reach the engines by broadcast exactly as saved."""
     losses = {}
     for stage in (1, 2, 3):
         cfg = job_config(tmp_path / f"z{stage}", scored_store, tiny_checkpoint, max_steps=3,
                          checkpoint_every=3, zero_stage=stage)
-        assert train_job.main(["--config", str(cfg), "--set", f"ray.address={ray_address}"]) == 0
+        if stage < 3:
+            assert train_job.main(["--config", str(cfg),
+                                   "--set", f"ray.address={ray_address}"]) == 0
+        else:
+            received, saved = train_and_receive_the_broadcast(cfg, ray_address)
+            assert set(saved) <= set(received) <= set(saved) | {"lm_head.weight"}
+            for name, tensor in saved.items():
+                assert torch.equal(received[name], tensor), name
         metrics = read_jsonl(tmp_path / f"z{stage}" / "runs" / "t" / "train_metrics.jsonl")
         losses[stage] = [m["loss"] for m in metrics]
     assert len(losses[1]) == 3

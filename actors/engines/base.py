@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from dqo_ray.io import filesystem, is_uri
+from dqo_ray.models.weight_broadcast import BroadcastSeat
+
+WeightSource = str | bytes | BroadcastSeat
+"""A refresh's weights: an HF checkpoint folder (path or URI), the trainer's safetensors
+bytes (`dqo_ray.models.weights.weights_blob`), or this engine's seat in the trainer's
+broadcast (`dqo_ray.models.weight_broadcast`)."""
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +95,19 @@ class GenerationEngine(Protocol):
         prompt order."""
         ...
 
-    def load_weights(self, source: str | bytes) -> None:
-        """Refresh the weights in place, with no restart, from an HF checkpoint folder (local
-        path or URI) or from safetensors bytes (`dqo_ray.models.weights.weights_blob`, the
-        trainer's weights in memory) of the same architecture and tokenizer."""
+    def load_weights(self, source: WeightSource) -> None:
+        """Refresh the weights in place, with no restart, from `source`, of the same
+        architecture and tokenizer."""
         ...
 
 
-def describe_weights(source: str | bytes) -> str:
+def describe_weights(source: WeightSource) -> str:
     """For log lines: the folder, or the size of the weights handed over in memory."""
     if isinstance(source, bytes):
         return f"memory ({len(source) / 2**20:.1f} MiB)"
+    if isinstance(source, BroadcastSeat):
+        return (f"the trainer's {source.offer.backend} broadcast "
+                f"({source.offer.nbytes / 2**20:.1f} MiB)")
     return str(source)
 
 

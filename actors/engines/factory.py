@@ -56,12 +56,13 @@ def choose_engine(kind: str, cuda: bool, vllm_error: str | None) -> tuple[str, s
 def make_engine(kind: str, model_path: str, *, dtype: str = "auto", kv_cache_gb: float = 1.0,
                 seed: int = 0, tensor_parallel: int = 1,
                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
-                max_num_seqs: int | None = None,
+                max_num_seqs: int | None = None, in_process: bool | None = None,
                 cuda: bool | None = None) -> GenerationEngine:
     """`kind`: "vllm", "hf", or "auto" (vLLM where it imports; HF only on a CPU, with a
     warning). `dtype`: model.dtype, `auto` = bfloat16 on CUDA, float32 on CPU
     (`dqo_ray.device`). gpu_memory_utilization, max_model_len, max_num_seqs: vLLM's memory
-    settings (generation.*; HF generate has none). `cuda`: whether this process has CUDA
+    settings (generation.*; HF generate has none). `in_process`: generation.vllm_in_process.
+    `cuda`: whether this process has CUDA
     (default: torch says)."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine kind {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
@@ -82,7 +83,8 @@ def make_engine(kind: str, model_path: str, *, dtype: str = "auto", kv_cache_gb:
         return VLLMEngine(model_path, dtype=dtype, kv_cache_gb=kv_cache_gb, seed=seed,
                           tensor_parallel=tensor_parallel,
                           gpu_memory_utilization=gpu_memory_utilization,
-                          max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+                          max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          in_process=in_process)
     from actors.engines.hf import HFEngine
 
     if tensor_parallel != 1:

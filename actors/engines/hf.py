@@ -21,8 +21,15 @@ import random
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from actors.engines.base import Sample, SamplingSpec, describe_weights, local_checkpoint
+from actors.engines.base import (
+    Sample,
+    SamplingSpec,
+    WeightSource,
+    describe_weights,
+    local_checkpoint,
+)
 from dqo_ray.models import load_policy, load_tokenizer, resolve_dtype
+from dqo_ray.models.weight_broadcast import BroadcastSeat, receive_weights
 from dqo_ray.models.weights import load_blob
 
 log = logging.getLogger(__name__)
@@ -97,9 +104,10 @@ class HFEngine:
             eos_token_id=sorted(eos), pad_token_id=self.tokenizer.pad_token_id)
         self.model = model
 
-    def load_weights(self, source: str | bytes) -> None:
-        if isinstance(source, bytes):
-            state = load_blob(source)
+    def load_weights(self, source: WeightSource) -> None:
+        if isinstance(source, bytes | BroadcastSeat):
+            state = (load_blob(source) if isinstance(source, bytes) else dict(receive_weights(
+                source.offer, source.first_rank, source.world, self.device)))
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             tied = self.model.config.tie_word_embeddings
             if unexpected or (missing and not (tied and set(missing) <= {"lm_head.weight"})):

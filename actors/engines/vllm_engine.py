@@ -12,9 +12,10 @@ for the sampled token's log-prob only. tests/test_engines.py checks both against
 Weight refresh without restart: the workers' `reload_weights`, from a checkpoint folder or from
 the trainer's safetensors bytes (no disk: `weights_iterator`), then (on CPU, tied embeddings)
 re-packing the LM head, see `DQOWorkerExtension`; then `reset_prefix_cache()` (without it,
-cached KV blocks computed by the old weights are reused). On GPUs the bytes travel through
-Ray's object store and vLLM's RPC: correct, but copies; a NCCL broadcast from the trainer is
-the faster path and is not written yet.
+cached KV blocks computed by the old weights are reused). On GPUs the trainer broadcasts
+instead (`generation.weight_transfer`, `dqo_ray.models.weight_broadcast`): each worker joins
+the refresh's group and loads the tensors as they arrive; the bytes through Ray's object store
+and vLLM's RPC would be copies.
 
 Scripts that start this engine need the `if __name__ == "__main__":` guard (vLLM may spawn).
 """
@@ -28,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,12 +37,14 @@ import torch
 from actors.engines.base import (
     Sample,
     SamplingSpec,
+    WeightSource,
     describe_weights,
     local_checkpoint,
     materialise,
 )
 from dqo_ray.device import resolve_dtype_name
 from dqo_ray.io import is_uri
+from dqo_ray.models.weight_broadcast import BroadcastSeat
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,8 @@ class DQOWorkerExtension:
     by name through `collective_rpc` (no pickled callables: works with the multiprocess
     engine without VLLM_ALLOW_INSECURE_SERIALIZATION)."""
 
-    def dqo_reload_weights(self, weights_path: str | None = None,
-                           blob: bytes | None = None) -> int:
+    def dqo_reload_weights(self, weights_path: str | None = None, blob: bytes | None = None,
+                           seat: BroadcastSeat | None = None) -> int:
         """`reload_weights`, then the post-load processing of embedding / LM-head layers again.
 
         With tied embeddings the checkpoint holds no lm_head weight, so the in-place reload
@@ -66,7 +70,13 @@ class DQOWorkerExtension:
             UnquantizedEmbeddingMethod,
         )
 
-        if blob is not None:  # the trainer's weights, handed over in memory
+        if seat is not None:  # broadcast by the trainer (NCCL on GPUs)
+            from dqo_ray.models.weight_broadcast import receive_weights
+
+            # self.rank: this worker's rank among the engine's tensor-parallel workers
+            self.reload_weights(weights_iterator=receive_weights(
+                seat.offer, seat.first_rank + self.rank, seat.world, self.device))
+        elif blob is not None:  # the trainer's weights, handed over in memory
             from safetensors.torch import load
 
             self.reload_weights(weights_iterator=iter(load(blob).items()))
@@ -112,16 +122,32 @@ def llm_arguments(model: str, dtype: str, seed: int, tensor_parallel: int,
     return kwargs
 
 
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def multiprocessing_env(in_process: bool | None, on_cpu: bool,
+                        environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment an engine sets before `vllm.LLM` for generation.vllm_in_process (pure).
+    None = in process on a CPU unless the environment already says; on a GPU vLLM's own."""
+    if in_process is None:
+        if not on_cpu or MULTIPROCESSING_ENV in environ:
+            return {}
+        in_process = True
+    return {MULTIPROCESSING_ENV: "0" if in_process else "1"}
+
+
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, *, dtype: str = "auto", kv_cache_gb: float = 1.0,
                  seed: int = 0, tensor_parallel: int = 1,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int | None = None, **llm_kwargs) -> None:
+                 max_num_seqs: int | None = None, in_process: bool | None = None,
+                 **llm_kwargs) -> None:
         """kv_cache_gb: KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB, rounded up);
-        on GPU gpu_memory_utilization applies (None = vLLM's default). Extra keyword
-        arguments go to `vllm.LLM`."""
+        on GPU gpu_memory_utilization applies (None = vLLM's default). in_process:
+        generation.vllm_in_process (`multiprocessing_env`). Extra keyword arguments go to
+        `vllm.LLM`."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -132,6 +158,7 @@ class VLLMEngine:
             self._tmp = tempfile.mkdtemp(prefix="dqo-vllm-model-")
             local_path = materialise(model_path, self._tmp)
         on_cpu = current_platform.is_cpu()
+        os.environ.update(multiprocessing_env(in_process, on_cpu, os.environ))
         if on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gb)))
         kwargs = llm_arguments(local_path, dtype, seed, tensor_parallel, on_cpu,
@@ -152,9 +179,11 @@ class VLLMEngine:
         log.info("vLLM engine: %s (%s, %s, logprobs_mode=%s)", model_path, dtype,
                  "cpu" if on_cpu else current_platform.device_name, LOGPROBS_MODE)
 
-    def load_weights(self, source: str | bytes) -> None:
+    def load_weights(self, source: WeightSource) -> None:
         if isinstance(source, bytes):
             self.llm.collective_rpc("dqo_reload_weights", kwargs={"blob": source})
+        elif isinstance(source, BroadcastSeat):
+            self.llm.collective_rpc("dqo_reload_weights", kwargs={"seat": source})
         else:
             with local_checkpoint(source) as local:
                 self.llm.collective_rpc("dqo_reload_weights", kwargs={"weights_path": local})

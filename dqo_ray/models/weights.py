@@ -1,5 +1,6 @@
-"""A policy's weights as one safetensors blob: what the trainer hands the generator engines
-through the object store at a refresh (no disk), in the format their loaders read."""
+"""A policy's weights as the trainer hands them to the generator engines at a refresh (no disk):
+one safetensors blob through the object store, or the same tensors over a collective
+(`dqo_ray.models.weight_broadcast`), in the names and dtype their loaders read."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import torch
 from safetensors.torch import load as load_blob
 from safetensors.torch import save as save_blob
 
-__all__ = ["load_blob", "weights_blob"]
+__all__ = ["export_tensors", "load_blob", "weights_blob"]
 
 
-def weights_blob(state_dict: dict[str, torch.Tensor] | None,
-                 dtype: torch.dtype | None = None) -> bytes:
-    """safetensors bytes of `state_dict` (floating tensors in `dtype` when given). A tensor
-    shared under two names (tied embeddings: lm_head.weight is embed_tokens.weight) is kept
-    under its first name only, as an HF checkpoint keeps it."""
+def export_tensors(state_dict: dict[str, torch.Tensor] | None, dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu", copy: bool = True
+                   ) -> dict[str, torch.Tensor]:
+    """`state_dict`'s tensors on `device` (floating ones in `dtype` when given); with `copy`,
+    none shares memory with the trainer's, so the next steps do not change them. A tensor shared under two names (tied embeddings: lm_head.weight
+    is embed_tokens.weight) is kept under its first name only, as an HF checkpoint keeps it."""
     if state_dict is None:
         raise ValueError("no state dict: only rank 0 holds the gathered weights")
     tensors: dict[str, torch.Tensor] = {}
@@ -26,5 +28,12 @@ def weights_blob(state_dict: dict[str, torch.Tensor] | None,
         seen.add(key)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return save_blob(tensors)
+        out = tensor.detach().to(device).contiguous()
+        tensors[name] = out.clone() if copy and out.data_ptr() == tensor.data_ptr() else out
+    return tensors
+
+
+def weights_blob(state_dict: dict[str, torch.Tensor] | None,
+                 dtype: torch.dtype | None = None) -> bytes:
+    """safetensors bytes of `export_tensors(state_dict, dtype)` (the bytes are the copy)."""
+    return save_blob(export_tensors(state_dict, dtype, copy=False))

@@ -47,7 +47,8 @@ from dqo_ray.data.streams import TrajectoryCollate, planner_actor, split_step_ba
 from dqo_ray.device import choose_device
 from dqo_ray.io import writing
 from dqo_ray.models import load_tokenizer, resolve_checkpoint
-from dqo_ray.models.weights import weights_blob
+from dqo_ray.models.weight_broadcast import WeightSender
+from dqo_ray.models.weights import export_tensors, weights_blob
 from dqo_ray.runtime import WORKER_ENV, init_ray, record_placement
 from dqo_ray.tracking import MetricsLogger
 from dqo_ray.train.loop import STATE_FILE, WorkerIO, build_models, resume, train_round
@@ -55,6 +56,7 @@ from dqo_ray.train.rounds import RoundCoordinator, checkpoint_step
 
 log = logging.getLogger(__name__)
 POLL_S = 2.0  # how often blocked waits on the coordinator look up (driver: is fit() alive?)
+BROADCAST_TIMEOUT_S = 300.0  # a broadcast that stalls this long fails; engines read the folder
 
 
 @dataclass
@@ -62,7 +64,7 @@ class TrainResult:
     checkpoint: str  # folder (or URI) of the round's final checkpoint
     policy: str  # its HF-format policy export
     metrics: dict[str, Any]
-    weights: Any = None  # ObjectRef of the policy's safetensors bytes (engine refresh)
+    weights: Any = None  # for the engines' refresh: ObjectRef of the bytes, or a WeightOffer
 
 
 def _worker_main(config: dict[str, Any]) -> None:
@@ -112,6 +114,21 @@ def _worker_main(config: dict[str, Any]) -> None:
         assert logger is not None
         logger.log({**metrics, **data_stats}, step)  # + the data's shape
 
+    sender: WeightSender | None = None
+
+    def hand_over(state_dict: dict[str, torch.Tensor]) -> Any:
+        """The round's weights for the engines' refresh: an ObjectRef of their bytes, or the
+        offer of a broadcast from this rank (which drops the previous round's offer)."""
+        nonlocal sender
+        if broadcast_backend(cfg, device) is None:
+            return ray.put(weights_blob(state_dict, models.export_dtype))
+        if sender is not None:
+            sender.close()
+        sender = WeightSender(export_tensors(state_dict, models.export_dtype),
+                              broadcast_backend(cfg, device), ray.util.get_node_ip_address(),
+                              BROADCAST_TIMEOUT_S, device)
+        return sender.offer
+
     try:
         models = build_models(cfg, policy_path, device)
         resume_dir = _newest_checkpoint(ray.get(coordinator.latest_checkpoint.remote()),
@@ -135,7 +152,7 @@ def _worker_main(config: dict[str, Any]) -> None:
             state = train_round(cfg, models, io, state, r, policy_path)
             state_dict = models.engines["policy"].full_state_dict()  # collective (ZeRO-3)
             if rank == 0:
-                weights = ray.put(weights_blob(state_dict, models.export_dtype))
+                weights = hand_over(state_dict)
                 checkpoint = f"{run_dir}/train/checkpoint-{state.step:07d}"
                 coordinator.round_done.remote(r, {
                     "checkpoint": checkpoint, "step": state.step, "weights": [weights],
@@ -144,8 +161,19 @@ def _worker_main(config: dict[str, Any]) -> None:
             after = r
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if sender is not None:
+            sender.close()
         if logger is not None:
             logger.close()
+
+
+def broadcast_backend(cfg: Config, device: torch.device) -> str | None:
+    """generation.weight_transfer resolved on a trainer worker's `device`: the collective's
+    backend for a broadcast, or None for the object store."""
+    transfer = cfg.generation.weight_transfer
+    if transfer == "object_store" or (transfer == "auto" and device.type != "cuda"):
+        return None
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def _next_round(coordinator: Any, after: int) -> dict[str, Any] | None:
