@@ -250,3 +250,31 @@ def test_kl_term_uses_the_reference_forward_on_response_tokens(tiny_checkpoint):
     assert 0 < moved.metrics["entropy"].item()
     with pytest.raises(ValueError, match="kl_coef > 0 needs the reference model"):
         loss_on_batch(policy, value, batch, cfg)
+
+
+class Untouchable(torch.nn.Module):
+    """A pi_ref that must not run."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("pi_ref ran during the value warm-up")
+
+
+def test_value_warmup_step_runs_no_policy_gradient_no_reference_and_the_same_value_loss(
+        tiny_checkpoint):
+    """trainer.value_warmup_steps: the value model's loss and gradients are those of a full
+    step; the policy's forward keeps no graph, and neither pi_ref nor the KL runs."""
+    policy, value = models(tiny_checkpoint)
+    batch = pad_trajectories(make_rows(6, n=3), pad_id=0, side="right")
+    cfg = AlgoConfig(beta=0.2, off_policy="truncated", kl_coef=0.5, lam=0.9)
+    full = loss_on_batch(policy, value, batch, cfg, reference=moved_reference(tiny_checkpoint))
+    full.value_loss.backward()
+    full_grads = [p.grad.clone() for p in value.parameters()]
+    value.zero_grad()
+    warm = loss_on_batch(policy, value, batch, cfg, reference=Untouchable(),
+                         train_policy=False)
+    assert not warm.policy_loss.requires_grad and "kl_full" not in warm.metrics
+    torch.testing.assert_close(warm.value_loss, full.value_loss, rtol=0, atol=0)
+    warm.value_loss.backward()
+    for grad, want in zip((p.grad for p in value.parameters()), full_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    assert all(p.grad is None for p in policy.parameters())

@@ -26,6 +26,20 @@ def check_contiguous(mask: torch.Tensor) -> None:
                          "responses must be one block with padding only on the left or right")
 
 
+def reverse_linear_scan(x: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """y_t = x_t + decay_t * y_{t+1} along the last dim (y past the end = 0), by doubling:
+    after the step of stride s, y_t sums x over [t, t + 2s) and decay_t is the product of
+    decays over that window. log2(T) rounds of whole-tensor ops instead of a T-long Python
+    loop (~8000 kernel launches per micro-batch of 1000-token responses on a GPU)."""
+    y, decay = x.clone(), decay.clone()
+    stride = 1
+    while stride < x.shape[-1]:
+        y[..., :-stride] = y[..., :-stride] + decay[..., :-stride] * y[..., stride:]
+        decay[..., :-stride] = decay[..., :-stride] * decay[..., stride:]
+        stride *= 2
+    return y
+
+
 def lambda_returns(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -55,26 +69,24 @@ def lambda_returns(
         padding.
     """
     check_contiguous(mask)
-    batch, length = rewards.shape
+    batch = rewards.shape[0]
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype),
                                 torch.promote_types(log_ratio.dtype, torch.float32))
     rewards, values, log_ratio = rewards.to(dtype), values.to(dtype), log_ratio.to(dtype)
     if bootstrap_value is None:
         bootstrap_value = rewards.new_zeros(batch)
     bootstrap_value = bootstrap_value.to(dtype)
-    zero = rewards.new_zeros(batch)
-    advantages = [zero] * length  # A_h = G_h - V_h
-    for t in reversed(range(length)):
-        if t + 1 < length:
-            has_next = mask[:, t + 1]
-            v_next = torch.where(has_next, values[:, t + 1], bootstrap_value)
-            a_next = torch.where(has_next, advantages[t + 1], zero)
-            c_next = trace[:, t + 1].to(dtype) if trace is not None else 1.0
-        else:
-            v_next, a_next, c_next = bootstrap_value, zero, 1.0
-        delta = rewards[:, t] - beta * log_ratio[:, t] + v_next - values[:, t]
-        advantages[t] = torch.where(mask[:, t], delta + lam * c_next * a_next, zero)
-    adv = torch.stack(advantages, dim=1)  # [B, T]
+    # A_h = delta_h + g_h * A_{h+1}, with g_h = lam * c_{h+1} inside a row's response and 0
+    # at its last token (bootstrap_value is then V_{h+1}).
+    has_next = torch.zeros_like(mask)
+    has_next[:, :-1] = mask[:, 1:]
+    v_next = torch.where(has_next, values.roll(-1, dims=1), bootstrap_value[:, None])
+    delta = (rewards - beta * log_ratio + v_next - values) * mask  # [B, T]
+    c_next = torch.ones_like(values)
+    if trace is not None:
+        c_next[:, :-1] = trace[:, 1:].to(dtype)
+    decay = torch.where(has_next, lam * c_next, torch.zeros_like(values))  # [B, T]
+    adv = reverse_linear_scan(delta, decay) * mask  # [B, T] A_h = G_h - V_h
     v_target = (values + adv) * mask
     q_target = (v_target + beta * log_ratio) * mask
     return q_target, v_target

@@ -298,7 +298,8 @@ def _train_step(engines: dict[str, TrainEngine], micro_batches: list[Batch], acf
     training = {name: e for name, e in engines.items() if name != "policy" or train_policy}
     for micro in micro_batches:
         batch = {k: v.to(device) for k, v in micro.items()}
-        out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg, reference)
+        out = loss_on_batch(engines["policy"], engines.get("value"), batch, acfg, reference,
+                            train_policy)
         # The two losses reach disjoint parameters, so each engine backpropagates its own.
         if train_policy:
             engines["policy"].backward(out.policy_loss)

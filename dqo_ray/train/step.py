@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -27,14 +29,20 @@ from dqo_ray.models.forward import next_token_logits, sequence_values
 
 def loss_on_batch(policy: nn.Module, value_model: nn.Module | None,
                   batch: dict[str, torch.Tensor], cfg: AlgoConfig,
-                  reference: nn.Module | None = None) -> LossOutput:
+                  reference: nn.Module | None = None, train_policy: bool = True) -> LossOutput:
     """Forward passes + the configured loss. All [B, L-1] tensors are in "target" space:
     index t scores token t+1, read from the state ending at position t. `reference` (pi_ref,
     frozen) is needed only by dqo with algo.kl_coef > 0. Adds the policy's mean next-token
-    `entropy` over response tokens to the metrics (rising entropy = mass leaving the data)."""
+    `entropy` over response tokens to the metrics (rising entropy = mass leaving the data).
+    train_policy=False (the value warm-up): the value loss reads the policy only as constants,
+    so its forward runs without gradients, and neither pi_ref nor the full-vocabulary KL runs
+    (both reach only the policy's loss, which then leaves out the KL term)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = batch["response_mask"][:, 1:]  # [B, L-1] positions whose target is a response token
-    logits = next_token_logits(policy, ids, attn)  # [B, L-1, V]
+    with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
+        logits = next_token_logits(policy, ids, attn)  # [B, L-1, V]
+    if not train_policy:
+        cfg, reference = dataclasses.replace(cfg, kl_coef=0.0), None
     out = _configured_loss(logits, value_model, batch, mask, cfg, reference)
     with torch.no_grad():  # response positions only: [N, V], N = response tokens
         out.metrics["entropy"] = entropy(logits.detach()[mask.bool()]).mean()
