@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -m "not slow" --durations=15 tests
+	$(PY) -m pytest -m "not slow" --durations=40 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow tests

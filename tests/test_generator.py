@@ -98,41 +98,19 @@ def perturbed_copy(checkpoint, folder, seed=1, std=0.5):
     return folder
 
 
-def test_weight_refresh_reaches_replaced_actors(tmp_path, tiny_checkpoint, ray_address):
-    other = perturbed_copy(tiny_checkpoint, tmp_path / "other")
-    cfg = pool_config(tmp_path, samples_per_prompt=1, temperature=0.0, max_new_tokens=8,
-                      chunk_prompts=2)
-    pool = GeneratorPool(cfg, str(tiny_checkpoint))
-    pool.load_weights(str(other))
-    ray.kill(pool.actors[0], no_restart=True)  # the replacement must come up with `other`
-    items = items_for(tiny_checkpoint, 6)
-    store = TrajectoryStore(str(tmp_path / "store"))
-    summary = pool.generate(items, round=0, policy_version=1, store=store)
-    assert summary.replaced_actors == 1
-    by_prompt = {r["prompt_id"]: r for r in store.read_table().to_pylist()}
-    changed = 0
-    for item in items:
-        response = by_prompt[item.prompt_id]["response_ids"]
-        new = hf_greedy(other, item.prompt_ids, 8)
-        assert response == new[:len(response)] and len(response) in (len(new), 8)
-        changed += response != hf_greedy(tiny_checkpoint, item.prompt_ids, 8)[:len(response)]
-    assert changed > 0  # the two models really differ on these prompts
-    pool.shutdown()
-
-
 def greedy_rows(pool, items, tmp_path, name):
     store = TrajectoryStore(str(tmp_path / name))
-    pool.generate(items, round=0, policy_version=1, store=store)
-    return {r["prompt_id"]: r["response_ids"] for r in store.read_table().to_pylist()}
+    summary = pool.generate(items, round=0, policy_version=1, store=store)
+    return {r["prompt_id"]: r["response_ids"] for r in store.read_table().to_pylist()}, summary
 
 
-def test_engines_take_the_trainers_broadcast_or_fall_back_to_the_folder(tmp_path,
-                                                                         tiny_checkpoint,
-                                                                         ray_address):
+def test_weight_refresh_by_broadcast_reaches_replaced_actors_and_falls_back_to_the_folder(
+        tmp_path, tiny_checkpoint, ray_address):
     """generation.weight_transfer=broadcast on a CPU: the trainer's rank 0 (here this process)
-    sends over gloo, both vLLM engine actors join one group and sample from the new weights.
-    A broadcast that cannot happen (its sender is gone) costs a short wait, then every engine
-    loads the round's checkpoint folder."""
+    sends over gloo and both vLLM engine actors, one group, sample from the new weights; an
+    engine that dies afterwards comes back with them (from the round's folder). A broadcast
+    that cannot happen (its sender is gone) costs a short wait, then every engine loads the
+    folder."""
     other = perturbed_copy(tiny_checkpoint, tmp_path / "other")
     cfg = pool_config(tmp_path, samples_per_prompt=1, temperature=0.0, max_new_tokens=8,
                       chunk_prompts=2)
@@ -143,7 +121,10 @@ def test_engines_take_the_trainers_broadcast_or_fall_back_to_the_folder(tmp_path
     pool.load_weights(str(other), sender.offer)
     assert sender.sent.is_set() and sender.error is None
     sender.close()
-    rows, changed = greedy_rows(pool, items, tmp_path, "a"), 0
+    ray.kill(pool.actors[0], no_restart=True)  # the replacement must come up with `other`
+    rows, summary = greedy_rows(pool, items, tmp_path, "a")
+    assert summary.replaced_actors == 1
+    changed = 0
     for item in items:
         response, new = rows[item.prompt_id], hf_greedy(other, item.prompt_ids, 8)
         assert response == new[:len(response)] and len(response) in (len(new), 8)
@@ -153,7 +134,7 @@ def test_engines_take_the_trainers_broadcast_or_fall_back_to_the_folder(tmp_path
     gone = WeightSender(export_tensors(load_policy(other).state_dict()), "gloo", host, 2)
     gone.close()  # its trainer restarted: nobody serves this offer
     pool.load_weights(str(tiny_checkpoint), gone.offer)
-    rows = greedy_rows(pool, items, tmp_path, "b")
+    rows, _ = greedy_rows(pool, items, tmp_path, "b")
     for item in items:
         old = hf_greedy(tiny_checkpoint, item.prompt_ids, 8)
         assert rows[item.prompt_id] == old[:len(rows[item.prompt_id])]
