@@ -265,13 +265,15 @@ def test_vllm_greedy_matches_hf(checkpoint, policy, tok):
 
 
 def test_vllm_refresh_from_memory_equals_one_from_disk(checkpoint, policy, tok, tmp_path):
-    """The trainer's weights as safetensors bytes (no disk) give the engine the same model as
-    the same weights written to a folder and read back; both refreshes are timed."""
+    """The trainer's weights as safetensors bytes (no disk), or broadcast from a sender, give
+    the engine the same model as the same weights written to a folder and read back; the
+    three refreshes are timed."""
     pytest.importorskip("vllm")
     import time
 
     from actors.engines import SamplingSpec, make_engine
-    from dqo_ray.models.weights import weights_blob
+    from dqo_ray.models.weight_broadcast import WeightSender, seats
+    from dqo_ray.models.weights import export_tensors, weights_blob
 
     trained = load_policy(checkpoint)
     with torch.no_grad():  # "a round of training": every weight moved a little
@@ -292,12 +294,21 @@ def test_vllm_refresh_from_memory_equals_one_from_disk(checkpoint, policy, tok, 
         engine.load_weights(str(tmp_path / "trained"))
         disk_s = time.perf_counter() - began
         from_disk = engine.generate(prompts, spec)
+        engine.load_weights(str(checkpoint))  # back to the start, then by broadcast (gloo)
+        began = time.perf_counter()
+        sender = WeightSender(export_tensors(trained.state_dict()), "gloo", "127.0.0.1", 120)
+        engine.load_weights(seats(sender.offer, engines=1, workers_per_engine=1)[0])
+        broadcast_s = time.perf_counter() - began
+        assert sender.sent.wait(10) and sender.error is None
+        sender.close()
+        from_broadcast = engine.generate(prompts, spec)
     finally:
         engine.close()
     print(f"\nSmolLM2-135M refresh: from memory {memory_s:.2f}s ({len(blob) / 2**20:.0f} MiB "
-          f"of safetensors bytes), through a folder {disk_s:.2f}s (write + read)")
-    for a, b, prompt in zip(from_memory, from_disk, prompts, strict=True):
-        assert a[0].token_ids == b[0].token_ids
+          f"of safetensors bytes), through a folder {disk_s:.2f}s (write + read), by "
+          f"broadcast {broadcast_s:.2f}s (gloo, export included)")
+    for a, b, c, prompt in zip(from_memory, from_disk, from_broadcast, prompts, strict=True):
+        assert a[0].token_ids == b[0].token_ids == c[0].token_ids
         n = min(AGREE_TOKENS, len(a[0].token_ids))
         assert a[0].token_ids[:n] == _hf_greedy(trained, prompt, MAX_NEW)[:n]
 

@@ -96,8 +96,8 @@ class WeightSender:
             raise ValueError(f"weight broadcast backend {backend!r} is not one of "
                              f"{', '.join(BACKENDS)}")
         self.tensors = tensors
-        self.store: dist.TCPStore | None = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=timeout_s))
+        self.store: dist.TCPStore | None = dist.TCPStore(
+            host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
         self.offer = WeightOffer(host=host, port=self.store.port, backend=backend,
                                  specs=tuple((n, str(t.dtype).removeprefix("torch."),
                                               tuple(t.shape)) for n, t in tensors.items()),
