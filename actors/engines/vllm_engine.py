@@ -44,7 +44,7 @@ from actors.engines.base import (
 )
 from dqo_ray.device import resolve_dtype_name
 from dqo_ray.io import is_uri
-from dqo_ray.models.weight_broadcast import BroadcastSeat
+from dqo_ray.models.weight_broadcast import BroadcastSeat, receive_weights
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ class DQOWorkerExtension:
         )
 
         if seat is not None:  # broadcast by the trainer (NCCL on GPUs)
-            from dqo_ray.models.weight_broadcast import receive_weights
-
             # self.rank: this worker's rank among the engine's tensor-parallel workers
             self.reload_weights(weights_iterator=receive_weights(
                 seat.offer, seat.first_rank + self.rank, seat.world, self.device))
