@@ -114,19 +114,19 @@ def _worker_main(config: dict[str, Any]) -> None:
         assert logger is not None
         logger.log({**metrics, **data_stats}, step)  # + the data's shape
 
+    backend = broadcast_backend(cfg, device)  # None: the object store
     sender: WeightSender | None = None
 
     def hand_over(state_dict: dict[str, torch.Tensor]) -> Any:
         """The round's weights for the engines' refresh: an ObjectRef of their bytes, or the
         offer of a broadcast from this rank (which drops the previous round's offer)."""
         nonlocal sender
-        if broadcast_backend(cfg, device) is None:
+        if backend is None:
             return ray.put(weights_blob(state_dict, models.export_dtype))
         if sender is not None:
             sender.close()
-        sender = WeightSender(export_tensors(state_dict, models.export_dtype),
-                              broadcast_backend(cfg, device), ray.util.get_node_ip_address(),
-                              BROADCAST_TIMEOUT_S, device)
+        sender = WeightSender(export_tensors(state_dict, models.export_dtype), backend,
+                              ray.util.get_node_ip_address(), BROADCAST_TIMEOUT_S, device)
         return sender.offer
 
     try:
