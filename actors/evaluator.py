@@ -224,7 +224,8 @@ def start_evaluator(cfg: Config, model_path: str, run_dir: str) -> Any:
     """The evaluator as a Ray actor (GPU when eval.gpus > 0)."""
     # Blocking calls (evaluate, stop_watching per followed run) each hold a slot; the engine
     # itself is used by one evaluation at a time (self._lock).
-    options: dict[str, Any] = {"num_cpus": cfg.eval.cpus, "max_concurrency": 16}
+    options: dict[str, Any] = {"num_cpus": cfg.eval.cpus, "max_concurrency": 16,
+                               "resources": cfg.ray.role_resource("evaluator")}
     if cfg.eval.gpus:
         options["num_gpus"] = cfg.eval.gpus
     return ray.remote(EvaluatorActor).options(**options).remote(cfg, model_path, run_dir)

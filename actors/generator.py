@@ -244,7 +244,9 @@ class GeneratorPool:
     def _spawn(self, slot: int) -> Any:
         self._release_group(slot)
         gen = self.cfg.generation
-        options: dict[str, Any] = {"num_cpus": gen.cpus_per_engine, "max_restarts": 0}
+        marker = self.cfg.ray.role_resource("generator")
+        options: dict[str, Any] = {"num_cpus": gen.cpus_per_engine, "max_restarts": 0,
+                                   "resources": marker}
         if gen.placement == "spread":
             options["scheduling_strategy"] = "SPREAD"
         if gen.gpus_per_engine == 1:
@@ -257,11 +259,13 @@ class GeneratorPool:
 
             # STRICT_PACK: one node (the default PACK may split a group over nodes when one
             # has no room, and tensor parallelism over the network is slow).
-            group = placement_group([{"GPU": 1, "CPU": 1}] * gen.gpus_per_engine,
+            # The role's marker in the first bundle: STRICT_PACK puts the rest beside it.
+            group = placement_group([{"GPU": 1, "CPU": 1, **marker}]
+                                    + [{"GPU": 1, "CPU": 1}] * (gen.gpus_per_engine - 1),
                                     strategy="STRICT_PACK")
             ray.get(group.ready())
             self.groups[slot] = group
-            options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            options.update(num_cpus=0, resources={}, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_capture_child_tasks=True))
         actor = ray.remote(EngineWorker).options(**options).remote(self.cfg, self.model_path,
                                                                    self.reference)

@@ -3,6 +3,11 @@
 # raylets), each with its own logical CPUs. Used by tests of multi-node placement.
 #   cluster/local_cluster.sh start [N_WORKERS]   -> prints the GCS address, then the job
 #                                                   submission (dashboard) address
+#   cluster/local_cluster.sh autoscale           -> a head only (0 CPUs) with Ray's autoscaler
+#                                                   and the fake multi-node provider: worker
+#                                                   nodes start on demand, by the node types of
+#                                                   cluster/autoscaling_local.yaml, and go
+#                                                   when idle; prints the two addresses
 #   cluster/local_cluster.sh kill-node I         -> worker node I lost at once, as when a
 #                                                   spot instance is preempted (SIGKILL to
 #                                                   its raylet and every process under it)
@@ -48,6 +53,19 @@ case "${1:-}" in
     echo "127.0.0.1:$PORT"
     echo "http://127.0.0.1:$DASHBOARD_PORT"
     ;;
+  autoscale)
+    # The autoscaler's nodes join this head's GCS (the provider's default would be port 6379).
+    config="$TMP.autoscaling.yaml"
+    sed "s|gcs_address: null|gcs_address: 127.0.0.1:$PORT|" cluster/autoscaling_local.yaml \
+        > "$config"
+    # shellcheck disable=SC2046
+    RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S="${AUTOSCALER_UPDATE_INTERVAL_S:-1}" \
+        "$RAY" start --head --port="$PORT" --num-cpus=0 --autoscaling-config="$config" \
+        --temp-dir="$TMP" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+        $(node_ports 0) --disable-usage-stats >/dev/null
+    echo "127.0.0.1:$PORT"
+    echo "http://127.0.0.1:$DASHBOARD_PORT"
+    ;;
   kill-node)
     [[ -n "${2:-}" ]] || { echo "usage: $0 kill-node I" >&2; exit 2; }
     tree() { local p; for p in "$@"; do echo "$p"; tree $(pgrep -P "$p" || true); done; }
@@ -71,7 +89,7 @@ case "${1:-}" in
     kill -KILL $alive 2>/dev/null || true
     ;;
   *)
-    echo "usage: $0 start [N_WORKERS] | kill-node I | stop" >&2
+    echo "usage: $0 start [N_WORKERS] | autoscale | kill-node I | stop" >&2
     exit 2
     ;;
 esac

@@ -1,14 +1,19 @@
 """Clusters for the plan: GPU kinds (datasheet memory and peak), nodes, a cluster written as
-NODESxGPUSxTYPE[-MEMGB][:CPUScpu] or read from `ray.nodes()`, and what a role asks of it
-(`Ask`) placed first-fit (`place`). Pure: no Ray, no config; `dqo_ray.config` checks
-ray.cluster with `parse_cluster`."""
+NODESxGPUSxTYPE[-MEMGB][:CPUScpu], read from an autoscaling cluster's file (Ray cluster
+launcher or KubeRay: the largest cluster it lets the autoscaler make) or from `ray.nodes()`,
+and what a role asks of it (`Ask`) placed first-fit (`place`). Pure: no Ray, no config;
+`dqo_ray.config` checks ray.cluster with `parse_cluster`."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class PlanError(ValueError):
@@ -49,18 +54,31 @@ def gpu_kind(name: str, memory_gib: float | None = None) -> GPUKind:
     return GPUKind(base, memory, known.bf16_tflops if known else 0.0)
 
 
+ROLE_RESOURCES = {"trainer": "dqo_trainer", "generator": "dqo_generator",
+                  "evaluator": "dqo_evaluator"}
+"""The custom Ray resource each role asks one unit of per worker / engine / actor when
+ray.role_resources is on; an autoscaling cluster's node types declare them (cluster/aws.yaml:
+`dqo_trainer: 8` on the 8-GPU training type), so the autoscaler starts, for each role, the
+node type meant for it."""
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
     cpus: float
     gpus: int
     gpu: GPUKind | None = None
+    resources: Mapping[str, float] = field(default_factory=dict, compare=False)
+    """Custom resources (ROLE_RESOURCES among them)."""
 
 
 @dataclass(frozen=True)
 class Cluster:
     label: str
     nodes: tuple[Node, ...]
+    knows_resources: bool = False
+    """Whether the nodes' custom resources are known (a cluster file, the running cluster);
+    a NODESxGPUSxTYPE description says nothing of them, so asks for them are not checked."""
 
     @property
     def gpus(self) -> int:
@@ -83,7 +101,10 @@ CLUSTER_SPEC = re.compile(r"(\d+)x(\d+)x([A-Za-z0-9.\-_]+?)(?::(\d+)cpus?)?", re
 
 def parse_cluster(spec: str) -> Cluster:
     """NODESxGPUSxTYPE[-MEMGB][:CPUScpu], e.g. 2x8xH100, 2x8xH100-80GB, 1x8xA100-40GB:96cpu:
-    identical nodes; CPUs default to DEFAULT_CPUS_PER_GPU per GPU."""
+    identical nodes; CPUs default to DEFAULT_CPUS_PER_GPU per GPU. Or a cluster file (.yaml):
+    `cluster_from_file`."""
+    if spec.strip().endswith((".yaml", ".yml")):
+        return cluster_from_file(Path(spec.strip()))
     match = CLUSTER_SPEC.fullmatch(spec.strip())
     if not match:
         raise PlanError(f"{spec!r} is not a cluster NODESxGPUSxTYPE[-MEMGB][:CPUScpu] such as "
@@ -100,6 +121,57 @@ def parse_cluster(spec: str) -> Cluster:
                                        for i in range(int(nodes))))
 
 
+def _node(name: str, resources: Mapping[str, Any], gpu_memory_gib: float | None = None) -> Node:
+    """A node from Ray resources: CPU, GPU, `accelerator_type:<name>` (its GPU kind) and the
+    custom rest."""
+    gpus = int(float(resources.get("GPU", 0)))
+    kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+    gpu = gpu_kind(kinds[0], gpu_memory_gib) if kinds else (
+        GPUKind("GPU", gpu_memory_gib or 0.0, 0.0) if gpus else None)
+    custom = {k: float(v) for k, v in resources.items()
+              if k not in ("CPU", "GPU", "memory", "object_store_memory")
+              and not k.startswith(("accelerator_type:", "node:"))}
+    return Node(name, float(resources.get("CPU", 0)), gpus, gpu, custom)
+
+
+def cluster_from_file(path: Path) -> Cluster:
+    """The largest cluster an autoscaling cluster's file lets the autoscaler make: every
+    worker type at its maximum count, with the resources the file gives it. A Ray cluster
+    launcher file (`available_node_types`, each type's `resources`), or a KubeRay RayCluster /
+    RayJob (each worker group at `maxReplicas`: its container's CPU and nvidia.com/gpu limits,
+    overridden by rayStartParams num-cpus / num-gpus / resources, as Ray reads them). A GPU's
+    kind comes from an `accelerator_type:<name>` resource."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PlanError(f"ray.cluster {path}: cannot read it as a cluster file ({exc})") from None
+    if isinstance(spec, dict) and "available_node_types" in spec:
+        types = [(name, t["max_workers"], t.get("resources") or {})
+                 for name, t in spec["available_node_types"].items()
+                 if name != spec.get("head_node_type")]
+    elif isinstance(spec, dict) and spec.get("kind") in ("RayCluster", "RayJob"):
+        body = spec["spec"] if spec["kind"] == "RayCluster" else spec["spec"]["rayClusterSpec"]
+        types = [(g["groupName"], g["maxReplicas"], _kuberay_resources(g))
+                 for g in body["workerGroupSpecs"]]
+    else:
+        raise PlanError(f"ray.cluster {path}: neither a Ray cluster launcher file "
+                        "(available_node_types) nor a KubeRay RayCluster / RayJob")
+    nodes = tuple(_node(f"{name}-{i}", resources)
+                  for name, count, resources in types for i in range(int(count)))
+    return Cluster(str(path), nodes, knows_resources=True)
+
+
+def _kuberay_resources(group: Mapping[str, Any]) -> dict[str, Any]:
+    params = group.get("rayStartParams") or {}
+    [container] = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
+    limits = container.get("resources", {}).get("limits", {})
+    out: dict[str, Any] = {"CPU": params.get("num-cpus", limits.get("cpu", 0)),
+                           "GPU": params.get("num-gpus", limits.get("nvidia.com/gpu", 0))}
+    if "resources" in params:  # KubeRay's form: a JSON object inside a quoted string
+        out.update(json.loads(str(params["resources"]).strip().strip('"').replace('\\"', '"')))
+    return out
+
+
 RUNNING = "the running Ray cluster"
 
 
@@ -107,18 +179,11 @@ def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
                            gpu_memory_gib: float | None = None) -> Cluster:
     """The alive nodes of `ray.nodes()` as a Cluster. A node's GPU type is Ray's
     `accelerator_type:<name>` resource; its memory comes from GPU_KINDS (or `gpu_memory_gib`)."""
-    out = []
-    for node in nodes:
-        if not node.get("Alive", node.get("alive", True)):
-            continue
-        resources = node.get("Resources", {})
-        gpus = int(resources.get("GPU", 0))
-        kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
-        gpu = gpu_kind(kinds[0], gpu_memory_gib) if kinds else (
-            GPUKind("GPU", gpu_memory_gib or 0.0, 0.0) if gpus else None)
-        name = f"{node.get('NodeManagerAddress', '?')} ({str(node.get('NodeID', '?'))[:12]})"
-        out.append(Node(name, float(resources.get("CPU", 0)), gpus, gpu))
-    return Cluster(RUNNING, tuple(out))
+    # The ID's tail: unique for Ray's random IDs and for the fake provider's counted ones.
+    out = [_node(f"{node.get('NodeManagerAddress', '?')} ({str(node.get('NodeID', '?'))[-12:]})",
+                 node.get("Resources", {}), gpu_memory_gib)
+           for node in nodes if node.get("Alive", node.get("alive", True))]
+    return Cluster(RUNNING, tuple(out), knows_resources=True)
 
 
 # -- what a role asks for, placed on a cluster ----------------------------------------------
@@ -126,18 +191,31 @@ def cluster_from_ray_nodes(nodes: Iterable[Mapping[str, Any]],
 
 @dataclass(frozen=True)
 class Ask:
-    """`count` units of one role, each needing `gpus` GPUs (on one node) and `cpus` CPUs."""
+    """`count` units of one role, each needing `gpus` GPUs (on one node), `cpus` CPUs and, when
+    `resource` is set, one of that custom resource (ROLE_RESOURCES)."""
 
     role: str
     count: int
     gpus: int
     cpus: float
     what: str = ""
+    resource: str = ""
 
     def unit(self) -> str:
         parts = [f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"] if self.gpus else []
         parts.append(f"{format_number(self.cpus)} CPU{'s' if self.cpus != 1 else ''}")
+        if self.resource:
+            parts.append(f"1 {self.resource}")
         return ", ".join(parts)
+
+    def bundle(self) -> dict[str, float]:
+        """One unit as a Ray resource bundle (what the autoscaler is asked for)."""
+        out = {"CPU": float(self.cpus)}
+        if self.gpus:
+            out["GPU"] = float(self.gpus)
+        if self.resource:
+            out[self.resource] = 1.0
+        return out
 
     def __str__(self) -> str:
         return f"{self.role} {self.count} x ({self.unit()})"
@@ -148,17 +226,18 @@ def place(cluster: Cluster, asks: Sequence[Ask]) -> str | None:
     None when all fit, else the unit that does not (named by role). CPU-only units go to nodes
     without GPUs first, as Ray's scheduler prefers."""
     # By position: several Ray nodes may share a machine (and so an address).
-    free = [[n.gpus, n.cpus] for n in cluster.nodes]
+    free = [{"GPU": n.gpus, "CPU": n.cpus, **n.resources} for n in cluster.nodes]
     units = [(a, i) for a in asks for i in range(a.count)]
     units.sort(key=lambda u: (-u[0].gpus, -u[0].cpus))  # stable: role order breaks ties
     for ask, i in units:
+        need = ask.bundle() if cluster.knows_resources else {"GPU": ask.gpus, "CPU": ask.cpus}
         order = range(len(cluster.nodes))
         if not ask.gpus:
             order = sorted(order, key=lambda k: cluster.nodes[k].gpus > 0)
         for k in order:
-            gpus, cpus = free[k]
-            if gpus >= ask.gpus and cpus >= ask.cpus - 1e-9:
-                free[k] = [gpus - ask.gpus, cpus - ask.cpus]
+            if all(free[k].get(key, 0) >= amount - 1e-9 for key, amount in need.items()):
+                for key, amount in need.items():
+                    free[k][key] -= amount
                 break
         else:
             return f"{ask.role} {i + 1} of {ask.count} ({ask.unit()})"

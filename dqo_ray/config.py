@@ -88,15 +88,33 @@ class RayConfig:
     a whole free CPU beside the training workers, or the pipeline stalls on 2-core machines."""
     cluster: str | None = None
     """The cluster the run is planned for, NODESxGPUSxTYPE[-MEMGB][:CPUScpu] (e.g.
-    2x8xH100-80GB, 1x8xA100-40GB:96cpu): the pipeline checks its plan (dqo_ray.plan) against
-    it at start instead of the nodes Ray has now, which an autoscaling cluster has not started
-    yet. None = the running cluster's nodes."""
+    2x8xH100-80GB, 1x8xA100-40GB:96cpu) or an autoscaling cluster's file (cluster/aws.yaml,
+    cluster/kuberay/raycluster.yaml: the largest cluster it lets the autoscaler make): the
+    pipeline checks its plan (dqo_ray.plan) against it at start instead of the nodes Ray has
+    now, which an autoscaling cluster has not started yet. None = the running cluster's nodes."""
+    role_resources: bool = False
+    """Each trainer worker, engine and the evaluator also asks for one unit of its role's custom
+    resource (dqo_trainer, dqo_generator, dqo_evaluator: dqo_ray.clusters.ROLE_RESOURCES), which
+    the node types of the shipped cluster files declare: on an autoscaling cluster each role
+    then gets, and makes the autoscaler start, the node type meant for it. Off = any node with
+    the CPUs and GPUs."""
+    request_resources: bool = True
+    """At start, ask the autoscaler for the whole plan at once (ray.autoscaler.sdk.
+    request_resources with every role's bundles), so that node types start in parallel rather
+    than one at a time as actors wait; the request is withdrawn when the run ends. Harmless on a
+    cluster without an autoscaler."""
     resource_check_s: float = field(default=30.0, metadata=_range(gt=0))
     """How often the pipeline checks that the alive nodes still hold the run's plan (a node
     lost to a spot preemption makes Ray wait silently; this logs it)."""
     resource_wait_s: float = field(default=0.0, metadata=_range(ge=0))
     """How long the pipeline waits for lost capacity to come back before it fails with the
     reason (0 = as long as it takes: an autoscaler replaces nodes). Re-submitting resumes."""
+
+    def role_resource(self, role: str) -> dict[str, float]:
+        """What one worker / engine / actor of `role` asks beyond CPUs and GPUs."""
+        from dqo_ray.clusters import ROLE_RESOURCES
+
+        return {ROLE_RESOURCES[role]: 1.0} if self.role_resources else {}
 
     def check(self) -> list[str]:
         if self.cluster is None:

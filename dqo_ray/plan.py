@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dqo_ray.clusters import RUNNING, Ask, Cluster, format_number, place
+from dqo_ray.clusters import ROLE_RESOURCES, RUNNING, Ask, Cluster, format_number, place
 from dqo_ray.model_shapes import ModelShape
 from dqo_ray.plan_memory import Memory, check_memory, train_engine_name
 
@@ -47,17 +47,23 @@ if TYPE_CHECKING:
 def role_asks(cfg: Config) -> dict[str, Ask]:
     """What each role asks Ray for, exactly as the code that starts it asks."""
     t, g, e, d = cfg.trainer, cfg.generation, cfg.eval, cfg.data
+
+    def marker(role: str) -> str:
+        return ROLE_RESOURCES[role] if cfg.ray.role_resources else ""
+
     asks = {"trainer": Ask("trainer", t.num_workers, 1 if t.use_gpu else 0, t.cpus_per_worker,
-                           f"Ray Train workers ({train_engine_name(cfg)})")}
+                           f"Ray Train workers ({train_engine_name(cfg)})", marker("trainer"))}
     if uses_generator(cfg):
         if g.gpus_per_engine > 1:  # a placement group of {GPU: 1, CPU: 1} bundles
             gen = Ask("generator", g.num_engines, g.gpus_per_engine, float(g.gpus_per_engine),
-                      f"vLLM engines, tensor parallel {g.gpus_per_engine}")
+                      f"vLLM engines, tensor parallel {g.gpus_per_engine}", marker("generator"))
         else:
             gen = Ask("generator", g.num_engines, g.gpus_per_engine, g.cpus_per_engine,
-                      "vLLM engines" if g.gpus_per_engine else "engines on CPUs")
+                      "vLLM engines" if g.gpus_per_engine else "engines on CPUs",
+                      marker("generator"))
         asks["generator"] = gen
-    asks["evaluator"] = Ask("evaluator", 1, e.gpus, e.cpus, "the evaluator actor (whole run)")
+    asks["evaluator"] = Ask("evaluator", 1, e.gpus, e.cpus, "the evaluator actor (whole run)",
+                            marker("evaluator"))
     asks["reference"] = Ask("reference", d.ref_actors, 1 if t.use_gpu else 0,
                             0.0 if t.use_gpu else 1.0, "reference-scoring actors (Ray Data; ingested data only)")
     asks["ray-data"] = Ask("ray-data", 1, 0, 1.0, "a Ray Data read task")
@@ -133,6 +139,8 @@ class Plan:
         return "\n".join(lines)
 
     def _group(self, ask: Ask) -> str:
+        if ask.resource:
+            return f"nodes with {ask.resource} (ray.role_resources)"
         if ask.gpus:
             kinds = sorted({n.gpu.name for n in self.cluster.nodes
                             if n.gpus >= ask.gpus and n.gpu is not None})

@@ -6,9 +6,12 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dqo_ray.capacity import record_nodes
+from dqo_ray.clusters import Ask
 from dqo_ray.config import RayConfig
 from dqo_ray.io import append_jsonl
 
@@ -70,6 +73,12 @@ def init_ray(cfg: RayConfig, engine_log: str | os.PathLike | None = None) -> Non
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env)
+        # Ray Data keeps one detached stats actor per cluster, on the node of the first process
+        # that uses Ray Data. Made here, it lives on the driver's node: on a trainer's node it
+        # kept that node busy after the job, so the autoscaler never removed it.
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
 
 
 # -- console vs engine log ---------------------------------------------------------------------
@@ -221,3 +230,23 @@ def running_cluster(gpu_memory_gib: float | None = None):
     from dqo_ray.clusters import cluster_from_ray_nodes
 
     return cluster_from_ray_nodes(ray.nodes(), gpu_memory_gib)
+
+
+@contextlib.contextmanager
+def autoscaler_request(asks: Sequence[Ask], run_dir: str | os.PathLike) -> Iterator[None]:
+    """Asks the autoscaler for every bundle of `asks` at once (ray.autoscaler.sdk.
+    request_resources), so that node types start in parallel rather than one at a time as
+    actors wait for them; withdraws the request on the way out, so idle nodes can go. Recorded
+    in run_dir/nodes.jsonl."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [a.bundle() for a in asks for _ in range(a.count)]
+    what = " + ".join(str(a) for a in asks)
+    request_resources(bundles=bundles)
+    log.info("asked the autoscaler for the whole run at once: %s", what)
+    record_nodes(run_dir, "requested", what=what, bundles=len(bundles))
+    try:
+        yield
+    finally:
+        request_resources(bundles=[])
+        record_nodes(run_dir, "released")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import re
@@ -62,13 +63,14 @@ from dqo_ray.driver_lock import DriverLock, RunFolderBusy
 from dqo_ray.evaluation import read_results, write_report
 from dqo_ray.evaluation.report import round_table, write_pipeline_summary
 from dqo_ray.evaluation.round_costs import round_breakdown
-from dqo_ray.io import disk_full_in, read_jsonl
+from dqo_ray.io import DiskFull, disk_full_in, read_jsonl
 from dqo_ray.model_shapes import model_shape
 from dqo_ray.models import load_tokenizer, resolve_checkpoint, save_tiny_checkpoint
 from dqo_ray.plan import Plan, make_plan
 from dqo_ray.run_state import RunState, StateError
 from dqo_ray.runtime import (
     ENGINE_LOG,
+    autoscaler_request,
     check_run_folder_shared,
     init_ray,
     record_placement,
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = DriverLock(cfg.run.run_dir, on_lost=_thread.interrupt_main)
     try:
         lock.acquire()
-    except RunFolderBusy as exc:
+    except (RunFolderBusy, DiskFull) as exc:  # DiskFull: the run folder's disk, at once
         print(exc, file=sys.stderr)
         return 2
     try:
@@ -458,10 +460,12 @@ def run_with_lock(cfg: Config, plan: Plan | None, lock: DriverLock) -> int:
                  ", ".join(state.stages) or "none")
     # A node lost mid-run (spot preemption) can leave too little for Ray to schedule the next
     # role: it would wait silently. The watch says so, and stops the run if asked to.
-    watch = CapacityWatch(cfg, plan, running_cluster, _thread.interrupt_main)
+    watch = CapacityWatch(cfg, plan, running_cluster, _thread.interrupt_main, cfg.run.run_dir)
     watch.start()
     try:
-        Pipeline(cfg, state, plan).run()
+        with (autoscaler_request(plan.phases["run"], cfg.run.run_dir)
+              if cfg.ray.request_resources else contextlib.nullcontext()):
+            Pipeline(cfg, state, plan).run()
     except StoreError as exc:  # damaged data: named, with what to do; re-running resumes
         print(exc, file=sys.stderr)
         return 2

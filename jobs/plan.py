@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
     parser.add_argument("--cluster", help="NODESxGPUSxTYPE[-MEMGB][:CPUScpu], e.g. "
-                        "2x8xH100-80GB, or auto (the running Ray cluster); default ray.cluster")
+                        "2x8xH100-80GB; an autoscaling cluster's file (cluster/aws.yaml, "
+                        "cluster/kuberay/raycluster.yaml: the largest cluster it can grow to); "
+                        "or auto (the running Ray cluster); default ray.cluster")
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="with --cluster auto: memory per GPU, for GPU types Ray names but "
                         "this tool does not know")

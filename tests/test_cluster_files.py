@@ -1,68 +1,81 @@
 """The shipped cluster files can hold what `jobs.plan` asks for (issue 26, item 4): for each GPU
 recipe, every phase's bundles are placed (first fit, the plan's own `place`) on the largest
-cluster each file lets the autoscaler make: every worker type at its maximum count, with the
-CPUs and GPUs the file gives it. Resources only: the files' node types carry no role names
-that the plan could check (Ray places roles by resources)."""
+cluster each file lets the autoscaler make (`dqo_ray.clusters.cluster_from_file`: every worker
+type at its maximum count, with the resources the file gives it), with the roles' markers
+(ray.role_resources: dqo_trainer, dqo_generator, dqo_evaluator) and without."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
 
-from dqo_ray.clusters import Cluster, Node, place
+from dqo_ray.clusters import ROLE_RESOURCES, PlanError, cluster_from_file, parse_cluster, place
 from dqo_ray.config import load_config
 from dqo_ray.plan import phases
 
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("gsm8k-*.yaml"))
-LAUNCHER_FILES = ["cluster/aws.yaml", "cluster/gcp.yaml"]
-
-
-def launcher_cluster(path: Path) -> Cluster:
-    """Ray cluster launcher: `available_node_types`, each at `max_workers`, their `resources`."""
-    spec = yaml.safe_load(path.read_text())
-    types = {name: t for name, t in spec["available_node_types"].items()
-             if name != spec["head_node_type"]}
-    # the types' maxima fit under the cluster's own cap, so all of them can exist at once
-    assert sum(t["max_workers"] for t in types.values()) <= spec["max_workers"], path
-    return Cluster(str(path), tuple(
-        Node(f"{name}-{i}", float(t["resources"].get("CPU", 0)), int(t["resources"].get("GPU", 0)))
-        for name, t in types.items() for i in range(t["max_workers"])))
-
-
-def kuberay_cluster(path: Path) -> Cluster:
-    """KubeRay RayCluster: each worker group at `maxReplicas`, its container's limits (Ray
-    reads the pod's CPU limit and nvidia.com/gpu; rayStartParams would override them)."""
-    spec = yaml.safe_load(path.read_text())
-    nodes = []
-    for group in spec["spec"]["workerGroupSpecs"]:
-        params = group.get("rayStartParams") or {}
-        [container] = [c for c in group["template"]["spec"]["containers"]
-                       if c["name"] == "ray-worker"]
-        limits = container["resources"]["limits"]
-        cpus = float(params.get("num-cpus", limits["cpu"]))
-        gpus = int(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
-        nodes += [Node(f"{group['groupName']}-{i}", cpus, gpus)
-                  for i in range(group["maxReplicas"])]
-    return Cluster(str(path), tuple(nodes))
-
-
-CLUSTERS = {name: launcher_cluster(REPO / name) for name in LAUNCHER_FILES}
-CLUSTERS["cluster/kuberay/raycluster.yaml"] = kuberay_cluster(
-    REPO / "cluster" / "kuberay" / "raycluster.yaml")
+FILES = ["cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml"]
+CLUSTERS = {name: cluster_from_file(REPO / name) for name in FILES}
 
 
 def test_there_are_recipes_and_the_files_have_gpu_nodes():
     assert len(RECIPES) >= 2
     for name, cluster in CLUSTERS.items():
         assert cluster.gpus >= 16, name  # room for the 2-node recipe's 16 GPUs
+        # every role's marker is declared by some node type
+        declared = {r for n in cluster.nodes for r in n.resources}
+        assert set(ROLE_RESOURCES.values()) <= declared, name
 
 
+def test_launcher_types_fit_under_the_cluster_cap():
+    for name in FILES[:2]:
+        spec = yaml.safe_load((REPO / name).read_text())
+        workers = [t["max_workers"] for n, t in spec["available_node_types"].items()
+                   if n != spec["head_node_type"]]
+        assert sum(workers) <= spec["max_workers"], name  # all types at their maxima at once
+
+
+@pytest.mark.parametrize("role_resources", [False, True])
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("cluster_file", sorted(CLUSTERS))
-def test_every_phase_of_every_recipe_fits_the_cluster_files(recipe, cluster_file):
+@pytest.mark.parametrize("cluster_file", FILES)
+def test_every_phase_of_every_recipe_fits_the_cluster_files(recipe, cluster_file,
+                                                              role_resources):
     cfg = load_config(str(REPO / recipe))
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray,
+                                                           role_resources=role_resources))
     for phase, asks in phases(cfg).items():
         unplaced = place(CLUSTERS[cluster_file], asks)
         assert unplaced is None, (f"{recipe}, phase {phase}: {cluster_file} has no room for "
                                   f"{unplaced}")
+
+
+def test_the_one_node_rayjob_holds_the_one_node_recipe_with_role_markers():
+    cfg = load_config(str(REPO / "configs" / "gsm8k-qwen2.5-1.5b.yaml"))
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, role_resources=True))
+    rayjob = cluster_from_file(REPO / "cluster" / "kuberay" / "rayjob.yaml")
+    for asks in phases(cfg).values():
+        assert place(rayjob, asks) is None
+
+
+def test_a_role_marker_no_node_declares_is_refused_but_a_description_ignores_it(tmp_path):
+    cfg = load_config(str(REPO / "configs" / "gsm8k-qwen2.5-1.5b.yaml"))
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, role_resources=True))
+    bare = tmp_path / "bare.yaml"  # aws.yaml's shapes without the markers
+    spec = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    for t in spec["available_node_types"].values():
+        t["resources"] = {k: v for k, v in t["resources"].items() if not k.startswith("dqo_")}
+    bare.write_text(yaml.safe_dump(spec))
+    assert place(parse_cluster(str(bare)), phases(cfg)["run"]) == \
+        "trainer 1 of 4 (1 GPU, 8 CPUs, 1 dqo_trainer)"
+    assert place(parse_cluster("1x8xH100-80GB"), phases(cfg)["run"]) is None
+
+
+def test_a_file_that_is_no_cluster_file_is_named(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("just: a mapping\n")
+    with pytest.raises(PlanError, match=r"other.yaml: neither a Ray cluster launcher file"):
+        parse_cluster(str(path))
+    with pytest.raises(PlanError, match=r"missing.yaml: cannot read it"):
+        parse_cluster(str(Path(tmp_path / "missing.yaml")))

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -95,3 +96,21 @@ def test_ingest_into_a_full_store_ends_with_one_line_and_resumes(small_disk, tmp
     filler.unlink()  # space freed: the same command again
     assert main(argv) == 0
     assert TrajectoryStore(small_disk / "store").num_rows() == 50
+
+
+def test_a_pipeline_whose_run_folder_is_full_ends_with_one_line(small_disk):
+    """Before anything starts: the driver's lock is the run folder's first write."""
+    from test_pipeline import REPO, _env
+
+    filler = fill(small_disk)
+    run = small_disk / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--config", str(REPO / "configs" / "ci-small.yaml"),
+         "--set", f"run.output_dir={run}", "--set", f"data.store={small_disk / 'store'}"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"disk full: no space left for {run / 'ci-small'}/"), result.stderr
+    assert [p.name for p in (run / "ci-small").iterdir()] == []  # nothing half-written
+    filler.unlink()

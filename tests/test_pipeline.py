@@ -113,16 +113,21 @@ def _ray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _submit(address: str, job_id: str, out: Path, *overrides: str) -> None:
-    """`ray job submit` of the ci-small pipeline writing under `out`, with `overrides`."""
+def _submit(address: str, job_id: str, out: Path, *overrides: str,
+            working_dir: bool = True) -> None:
+    """`ray job submit` of the ci-small pipeline writing under `out`, with `overrides`; with
+    the working tree shipped as the job's working_dir (as on a real cluster), or else run from
+    the installed project (paths in `overrides` must then be absolute)."""
     deadline = time.monotonic() + 120
     sets = [a for o in [f"run.output_dir={out}", f"data.store={out}/store", *overrides]
             for a in ("--set", o)]
+    env = (["--runtime-env", "cluster/runtime_env.yaml", "--working-dir", "."] if working_dir
+           else ["--runtime-env-json", '{"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}'])
+    config = "configs/ci-small.yaml" if working_dir else str(REPO / "configs" / "ci-small.yaml")
     while True:
-        result = _ray("job", "submit", "--address", address, "--submission-id", job_id,
-                      "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".",
-                      "--no-wait", "--", "python", "-m", "jobs.pipeline", "--config",
-                      "configs/ci-small.yaml", *sets)
+        result = _ray("job", "submit", "--address", address, "--submission-id", job_id, *env,
+                      "--no-wait", "--", "python", "-m", "jobs.pipeline", "--config", config,
+                      *sets)
         # A node's job agent comes up a little after `ray start` returns.
         if "No available agent" not in result.stderr or time.monotonic() > deadline:
             break

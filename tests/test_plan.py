@@ -486,3 +486,30 @@ def test_capacity_watch_sees_a_cpu_node_lost_from_the_local_test_cluster():
     assert shortfall(cfg, plan, nodes(1)) == "; ".join(
         make_plan(cfg, nodes(1), model_shape(cfg.model)).problems)
     assert "CPU" in shortfall(cfg, plan, nodes(1))
+
+
+def test_capacity_watch_logs_and_records_the_nodes_that_come_and_go(tmp_path, caplog):
+    from dqo_ray.capacity import NODES_FILE
+    from dqo_ray.evaluation.report import write_pipeline_summary
+    from dqo_ray.io import read_jsonl
+
+    def nodes(*names: str) -> Cluster:
+        return cluster_from_ray_nodes([{"NodeID": "f" * 44 + f"{i:012d}", "NodeManagerAddress":
+                                        "10.0.0.1", "Resources": {"CPU": 2.0, name: 2.0}}
+                                       for i, name in enumerate(names)])
+
+    cfg = load_config(REPO / "configs" / "ci-small.yaml")
+    plan = make_plan(cfg, nodes("head"), model_shape(cfg.model))
+    watch = CapacityWatch(cfg, plan, lambda: nodes("head"), lambda: None, tmp_path)
+    assert watch.note_nodes(nodes("head")) == []  # the first look: what is there, not logged
+    came = watch.note_nodes(nodes("head", "dqo_trainer"))
+    assert came == ["node came: 10.0.0.1 (000000000001) (2 CPU, 2 dqo_trainer), 0s after start"]
+    assert watch.note_nodes(nodes("head", "dqo_trainer")) == []
+    left = watch.note_nodes(nodes("head"))
+    assert left == ["node left: 10.0.0.1 (000000000001) (2 CPU, 2 dqo_trainer), 0s after start"]
+    assert [(r["event"], r["node"]) for r in read_jsonl(tmp_path / NODES_FILE)] == [
+        ("present", "10.0.0.1 (000000000000)"), ("came", "10.0.0.1 (000000000001)"),
+        ("left", "10.0.0.1 (000000000001)")]
+    summary = write_pipeline_summary(tmp_path, {}, []).read_text()
+    assert "## Nodes" in summary and "| came | 10.0.0.1 (000000000001) | 2 CPU, 2 dqo_trainer |" \
+        in summary

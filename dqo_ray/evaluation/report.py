@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from dqo_ray.capacity import NODES_FILE
 from dqo_ray.evaluation.round_costs import breakdown_markdown, round_breakdown
 from dqo_ray.io import append_jsonl, atomic_write, read_jsonl
 
@@ -299,7 +300,21 @@ def write_pipeline_summary(run_dir: Path, stages: Mapping[str, Mapping[str, Any]
     costs = round_breakdown(stages, read_jsonl(run_dir / "train_metrics.jsonl"))
     if costs["rounds"]:
         lines += ["", breakdown_markdown(costs).replace("## ", "### ", 1)]
+    lines += _nodes_table(read_jsonl(run_dir / NODES_FILE))
     return atomic_write(run_dir / PIPELINE_FILE, "\n".join(lines) + "\n", what="the report")
+
+
+def _nodes_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What the autoscaler was asked for and the nodes that came and went (capacity watch),
+    in seconds after the first record; nothing when the cluster never changed."""
+    if not any(r["event"] in ("requested", "came", "left") for r in records):
+        return []
+    start = records[0]["time"]
+    lines = ["", "## Nodes", "", "| after | event | node | resources |", "| ---: | --- | --- | --- |"]
+    for r in records:
+        lines.append(f"| {r['time'] - start:.0f}s | {r['event']} | {r.get('node', '')} | "
+                     f"{r.get('resources') or r.get('what', '')} |")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

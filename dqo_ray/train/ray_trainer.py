@@ -272,7 +272,8 @@ class RoundTrainer:
                                "planner": self.planner, "pid_file": pid_file,
                                "ledger": str(ledger) if ledger else None},
             scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                         resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+                                         resources_per_worker={"CPU": tcfg.cpus_per_worker,
+                                                               **cfg.ray.role_resource("trainer")}),
             torch_config=TorchConfig(backend=choose_device(tcfg.use_gpu).backend),
             run_config=ray.train.RunConfig(  # Ray's, not dqo_ray.config.RunConfig
                 name="train", storage_path=str(self.run_dir),
