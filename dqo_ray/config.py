@@ -461,11 +461,11 @@ class WarmStartConfig:
     split)."""
     flip_subtractions: float = field(default=0.0, metadata=_range(ge=0, le=1))
     """tinymath only: the share of subtraction steps the gold solutions write as additions
-    (`tasks.tinymath.flip_subtractions`), a documented annotation flaw that outcome rewards
+    (`tasks.tinymath_flaws.flip_subtractions`), a documented annotation flaw that outcome rewards
     can correct and more supervised training on the same set cannot."""
     drop_answer_line: float = field(default=0.0, metadata=_range(ge=0, le=1))
     """tinymath only: the share of gold solutions that stop after their last step without the
-    "The answer is N." line the grader reads (`tasks.tinymath.drop_answer_line`), a documented
+    "The answer is N." line the grader reads (`tasks.tinymath_flaws.drop_answer_line`), a documented
     annotation flaw that outcome rewards can correct and more supervised training cannot."""
 
 

@@ -25,6 +25,7 @@ from dqo_ray.tasks import (
 )
 from dqo_ray.tasks import tinymath as tm
 from dqo_ray.tasks.items import load_items
+from dqo_ray.tasks.tinymath_flaws import drop_answer_line, flip_subtractions
 
 N = 20_000  # per split: the task must offer at least this many distinct problems
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")
@@ -324,9 +325,9 @@ def test_flip_subtractions_writes_some_subtractions_as_additions_and_carries_the
     problems = splits["warm"][:2000]
     subtractions = flipped = 0
     for p in problems:
-        flawed = tm.flip_subtractions(p.solution, 0.5, p.problem_id)
-        assert flawed == tm.flip_subtractions(p.solution, 0.5, p.problem_id)  # stable
-        assert tm.flip_subtractions(p.solution, 0.0, p.problem_id) == p.solution
+        flawed = flip_subtractions(p.solution, 0.5, p.problem_id)
+        assert flawed == flip_subtractions(p.solution, 0.5, p.problem_id)  # stable
+        assert flip_subtractions(p.solution, 0.0, p.problem_id) == p.solution
         gold, _ = _equations(p.solution)
         wrong, answer = _equations(flawed)
         for (a, op, b, result), (_, gold_op, gold_b, _) in zip(wrong, gold, strict=True):
@@ -339,7 +340,7 @@ def test_flip_subtractions_writes_some_subtractions_as_additions_and_carries_the
         assert answer == wrong[-1][3]
         assert (answer == int(p.answer)) == (flawed == p.solution)
     assert 0.45 < flipped / subtractions < 0.55
-    assert tm.flip_subtractions(p.solution, 1.0, p.problem_id).count(" - ") == 0
+    assert flip_subtractions(p.solution, 1.0, p.problem_id).count(" - ") == 0
 
 
 def test_warm_start_examples_carry_the_configured_flaw(tokenizer):
@@ -354,8 +355,8 @@ def test_warm_start_examples_carry_the_configured_flaw(tokenizer):
 
     problems = load_problems("tinymath", None, "warm", 60)
     clean = targets("flip_subtractions", 0.0)
-    for flaw, function in (("flip_subtractions", tm.flip_subtractions),
-                           ("drop_answer_line", tm.drop_answer_line)):
+    for flaw, function in (("flip_subtractions", flip_subtractions),
+                           ("drop_answer_line", drop_answer_line)):
         flawed = targets(flaw, 0.5)
         for p, bad, good in zip(problems, flawed, clean, strict=True):
             assert tokenizer.decode(good[:-1]) == p.solution
@@ -368,14 +369,14 @@ def test_drop_answer_line_leaves_out_the_stated_answer_at_the_given_rate(splits)
     problems = splits["warm"][:2000]
     dropped = 0
     for p in problems:
-        flawed = tm.drop_answer_line(p.solution, 0.5, p.problem_id)
-        assert flawed == tm.drop_answer_line(p.solution, 0.5, p.problem_id)  # stable
-        assert tm.drop_answer_line(p.solution, 0.0, p.problem_id) == p.solution
-        assert tm.drop_answer_line(p.solution, 1.0, p.problem_id) + "\n" + \
+        flawed = drop_answer_line(p.solution, 0.5, p.problem_id)
+        assert flawed == drop_answer_line(p.solution, 0.5, p.problem_id)  # stable
+        assert drop_answer_line(p.solution, 0.0, p.problem_id) == p.solution
+        assert drop_answer_line(p.solution, 1.0, p.problem_id) + "\n" + \
             p.solution.split("\n")[-1] == p.solution
         if flawed != p.solution:
             dropped += 1
             assert p.solution.startswith(flawed + "\n")
             assert not tm.grade(flawed, p.answer) and tm.grade(p.solution, p.answer)
     assert 0.45 < dropped / len(problems) < 0.55
-    assert tm.drop_answer_line("2 + 3 = 5.", 1.0, "k") == "2 + 3 = 5."  # no answer line
+    assert drop_answer_line("2 + 3 = 5.", 1.0, "k") == "2 + 3 = 5."  # no answer line

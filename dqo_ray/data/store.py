@@ -34,10 +34,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from datetime import UTC, datetime
 from numbers import Integral
 
@@ -46,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dqo_ray.data import shards as layout
 from dqo_ray.data.schema import (
     COLUMNS,
     TRAJECTORY_SCHEMA,
@@ -56,56 +56,12 @@ from dqo_ray.data.schema import (
     validate_rows,
     validate_table,
 )
+from dqo_ray.data.shards import ShardInfo
 from dqo_ray.io import filesystem, is_uri, writing
 
 __all__ = ["ShardInfo", "StoreError", "TrajectoryStore"]
 
 log = logging.getLogger(__name__)
-
-MANIFEST_DIR = "manifest"
-QUARANTINE_DIR = "quarantine"
-TMP_PREFIX = ".tmp-"
-# A name must be one path component, and must not end in ".v<n>": "x.v2" at version 1 would
-# share the file name of shard "x" at version 2.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
-_VERSION_SUFFIX = re.compile(r"\.v\d+$")
-_ROUND_DIR = re.compile(r"round=(\d+)")
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One committed shard, as recorded in its manifest marker.
-
-    name: unique across the store; round: its generation round; path: its Parquet file,
-    relative to the store root; num_rows; has_ref_logprobs: every row has ref_logprobs;
-    policy_version: the newest policy version among its rows; created: ISO-8601 UTC time the
-    shard was first written; version: 1 at write_shard, +1 per replace_shard; size, sha256:
-    the file's byte size and SHA-256 hex digest (None in markers written before they existed).
-    """
-
-    name: str
-    round: int
-    path: str
-    num_rows: int
-    has_ref_logprobs: bool
-    policy_version: int
-    created: str
-    version: int = 1
-    size: int | None = None
-    sha256: str | None = None
-
-
-_SHARD_FIELDS = tuple(f.name for f in fields(ShardInfo))
-
-
-def _shard_file(name: str, round: int, version: int) -> str:
-    suffix = "" if version == 1 else f".v{version}"
-    return f"round={round}/{name}{suffix}.parquet"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
 
 class TrajectoryStore:
     """Atomic Parquet shards of trajectories under `root` (local path or filesystem URI).
@@ -167,7 +123,7 @@ class TrajectoryStore:
                 write(out)
             return
         self._fs.create_dir(folder, recursive=True)
-        tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{base}"
+        tmp = f"{folder}/{layout.TMP_PREFIX}{uuid.uuid4().hex}-{base}"
         try:
             with self._fs.open_output_stream(tmp) as out:
                 write(out)
@@ -190,7 +146,7 @@ class TrajectoryStore:
 
     def _write_marker(self, info: ShardInfo) -> None:
         data = (json.dumps(asdict(info), indent=1) + "\n").encode()
-        self._write_bytes_atomic(f"{MANIFEST_DIR}/{info.name}.json", lambda out: out.write(data))
+        self._write_bytes_atomic(f"{layout.MANIFEST_DIR}/{info.name}.json", lambda out: out.write(data))
 
     def _delete(self, relative: str) -> None:
         try:
@@ -201,7 +157,7 @@ class TrajectoryStore:
     # ---------------------------------------------------------------- manifest
 
     def _marker_infos(self) -> list[pafs.FileInfo]:
-        selector = pafs.FileSelector(self._abs(MANIFEST_DIR), allow_not_found=True)
+        selector = pafs.FileSelector(self._abs(layout.MANIFEST_DIR), allow_not_found=True)
         return [f for f in self._fs.get_file_info(selector)
                 if f.type == pafs.FileType.File and f.base_name.endswith(".json")
                 and not f.base_name.startswith(".")]
@@ -211,7 +167,7 @@ class TrajectoryStore:
             with self._fs.open_input_stream(path) as f:
                 raw = json.loads(f.read())
             # Unknown keys are ignored so markers written by a newer version stay readable.
-            info = ShardInfo(**{k: raw[k] for k in _SHARD_FIELDS if k in raw})
+            info = ShardInfo(**{k: raw[k] for k in layout.SHARD_FIELDS if k in raw})
         except FileNotFoundError as exc:
             raise StoreError(f"manifest marker {path} vanished while reading") from exc
         except (OSError, ValueError, TypeError) as exc:
@@ -221,7 +177,7 @@ class TrajectoryStore:
         return info
 
     def _marker(self, name: str) -> ShardInfo | None:
-        path = self._abs(f"{MANIFEST_DIR}/{name}.json")
+        path = self._abs(f"{layout.MANIFEST_DIR}/{name}.json")
         if self._fs.get_file_info(path).type != pafs.FileType.File:
             return None
         return self._read_marker(path)
@@ -298,7 +254,7 @@ class TrajectoryStore:
             raise StoreError(f"round must be an integer >= 0, got {round!r}")
         if name is None:
             name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
-        elif not _NAME.fullmatch(name) or _VERSION_SUFFIX.search(name):
+        elif not layout.NAME.fullmatch(name) or layout.VERSION_SUFFIX.search(name):
             raise StoreError(f"invalid shard name {name!r}: use letters, digits and _.=+- "
                              "(not starting with '.', not ending in '.v<number>')")
         source = f"write_shard({name!r}, round={round})"
@@ -306,11 +262,11 @@ class TrajectoryStore:
             raise StoreError(f"shard {name!r} already exists in {self.root}")
         table = self._prepare(rows, round, source)
         has_ref, policy_version = self._summary(table)
-        path = _shard_file(name, round, 1)
+        path = layout.shard_file(name, round, 1)
         size, sha256 = self._write_parquet(path, table)
         info = ShardInfo(name=name, round=round, path=path, num_rows=table.num_rows,
                          has_ref_logprobs=has_ref, policy_version=policy_version,
-                         created=_now(), version=1, size=size, sha256=sha256)
+                         created=layout.utc_now(), version=1, size=size, sha256=sha256)
         self._write_marker(info)  # the commit point
         log.info("store %s: wrote shard %s (round %d, %d rows)", self.root, name, round,
                  info.num_rows)
@@ -344,7 +300,7 @@ class TrajectoryStore:
                              f"e.g. {gone[:3]}; {len(added)} new, e.g. {added[:3]})")
         has_ref, policy_version = self._summary(new)
         version = current.version + 1
-        path = _shard_file(current.name, current.round, version)
+        path = layout.shard_file(current.name, current.round, version)
         size, sha256 = self._write_parquet(path, new)
         info = ShardInfo(name=current.name, round=current.round, path=path,
                          num_rows=new.num_rows, has_ref_logprobs=has_ref,
@@ -445,14 +401,14 @@ class TrajectoryStore:
     def quarantine(self, shard: ShardInfo) -> str:
         """Moves a shard's file and then its marker under quarantine/ (the shard leaves the
         store; nothing is deleted); returns the quarantine folder, relative to the root."""
-        folder = f"{QUARANTINE_DIR}/{shard.name}"
+        folder = f"{layout.QUARANTINE_DIR}/{shard.name}"
         self._fs.create_dir(self._abs(folder), recursive=True)
         data = self._abs(shard.path)
         if self._fs.get_file_info(data).type == pafs.FileType.File:
             self._fs.move(data, self._abs(f"{folder}/{shard.path.rsplit('/', 1)[-1]}"))
         # The marker goes last: until it moves, the shard reads as missing, never as orphan
         # data that gc() would delete.
-        self._fs.move(self._abs(f"{MANIFEST_DIR}/{shard.name}.json"),
+        self._fs.move(self._abs(f"{layout.MANIFEST_DIR}/{shard.name}.json"),
                       self._abs(f"{folder}/{shard.name}.json"))
         log.warning("store %s: quarantined shard %s (round %d, %d rows) in %s", self.root,
                     shard.name, shard.round, shard.num_rows, folder)
@@ -473,10 +429,10 @@ class TrajectoryStore:
         candidates: list[pafs.FileInfo] = []
         top = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
         for entry in top:
-            if entry.type == pafs.FileType.Directory and _ROUND_DIR.fullmatch(entry.base_name):
+            if entry.type == pafs.FileType.Directory and layout.ROUND_DIR.fullmatch(entry.base_name):
                 candidates += self._fs.get_file_info(pafs.FileSelector(entry.path))
         candidates += [f for f in self._fs.get_file_info(pafs.FileSelector(
-            self._abs(MANIFEST_DIR), allow_not_found=True)) if f.base_name.startswith(TMP_PREFIX)]
+            self._abs(layout.MANIFEST_DIR), allow_not_found=True)) if f.base_name.startswith(layout.TMP_PREFIX)]
         removed = []
         prefix = self._root + "/"
         for f in candidates:

@@ -152,7 +152,7 @@ punctuation are single tokens of the word tokenizer already."""
 # One problem
 # --------------------------------------------------------------------------------------------
 
-def _apply(op: str, x: int, k: int) -> int:
+def apply_operation(op: str, x: int, k: int) -> int:
     return x + k if op == "+" else x - k if op == "-" else x * k
 
 
@@ -220,7 +220,7 @@ def draw_problem(rng: random.Random) -> tuple[str, str, int, int]:
     for _ in range(events):
         event = _pick(rand, _pick(rand, _feasible_events(v, food)))
         k = _draw_k(rand, event, v)
-        new = _apply(event.op, v, k)
+        new = apply_operation(event.op, v, k)
         sentences.append(event.text.format(k=k, **fields))
         lines.append(f"{v} {event.op} {k} = {new}.")
         v = new
@@ -230,55 +230,6 @@ def draw_problem(rng: random.Random) -> tuple[str, str, int, int]:
 
 
 EQUATION = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")  # one solution step
-
-
-def flip_subtractions(solution: str, rate: float, key: str) -> str:
-    """`solution` as a careless annotator writes it: each subtraction step is written as an
-    addition with probability `rate`, and the later steps and the answer follow from the wrong
-    count. The choice is a stable function of (key, step), so one problem is flawed the same
-    way in every process.
-
-    Why: a warm start on these demonstrations learns to add or subtract at random where the
-    question removes items. That is a choice the model can already make either way, so outcome
-    rewards can correct it (the arithmetic errors of a 1M-parameter model are not; see the
-    README's demo section). Solutions that are not tinymath's are returned unchanged.
-    """
-    if rate <= 0:
-        return solution
-    lines = solution.split("\n")
-    out, value = [], None
-    for step, line in enumerate(lines):
-        match = EQUATION.match(line)
-        if match is None:
-            if line.startswith(ANSWER_PREFIX) and value is not None:
-                line = f"{ANSWER_PREFIX} {value}."
-            out.append(line)
-            continue
-        a, op, k = int(match[1]), match[2], int(match[3])
-        a = a if value is None else value
-        digest = hashlib.blake2b(f"{key}:{step}".encode(), digest_size=8).digest()
-        if op == "-" and int.from_bytes(digest, "big") / 2**64 < rate:
-            op = "+"
-        value = _apply(op, a, k)
-        out.append(f"{a} {op} {k} = {value}.")
-    return "\n".join(out)
-
-
-def drop_answer_line(solution: str, rate: float, key: str) -> str:
-    """`solution` as a careless annotator writes it: with probability `rate` (a stable
-    function of `key`) the final "The answer is N." line is left out, so the solution stops
-    after its last step.
-
-    Why: a warm start on these demonstrations ends about as often without the answer line as
-    with it, a choice at one place the model can already make either way; the grader reads
-    only the stated answer, so outcome rewards can correct it and more supervised training
-    on the same set cannot. Solutions without a final answer line are returned unchanged.
-    """
-    lines = solution.split("\n")
-    if rate <= 0 or len(lines) < 2 or not lines[-1].startswith(ANSWER_PREFIX):
-        return solution
-    digest = hashlib.blake2b(f"{key}:answer".encode(), digest_size=8).digest()
-    return "\n".join(lines[:-1]) if int.from_bytes(digest, "big") / 2**64 < rate else solution
 
 
 def split_of(question: str) -> str:
@@ -438,7 +389,8 @@ def error_kind(response: str, gold: str) -> str | None:
     if answer is None:
         return ERROR_KINDS[0]
     steps = [m for m in map(EQUATION.match, response.split("\n")) if m]
-    if any(_apply(op, int(a), int(k)) != int(v) for a, op, k, v in (m.groups() for m in steps)):
+    if any(apply_operation(op, int(a), int(k)) != int(v)
+           for a, op, k, v in (m.groups() for m in steps)):
         return ERROR_KINDS[1]
     if steps and int(steps[-1][4]) != answer:
         return ERROR_KINDS[2]

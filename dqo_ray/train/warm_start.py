@@ -16,7 +16,7 @@ from dqo_ray.config import Config
 from dqo_ray.models import load_tokenizer
 from dqo_ray.tasks import load_problems, render_solution
 from dqo_ray.tasks.items import prompt_items
-from dqo_ray.tasks.tinymath import drop_answer_line, flip_subtractions
+from dqo_ray.tasks.tinymath_flaws import drop_answer_line, flip_subtractions
 from dqo_ray.train.sft import SFTExample, sft_cache_key, supervised_finetune
 
 
