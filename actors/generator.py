@@ -18,6 +18,7 @@ import collections
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,10 @@ class EngineWorker:
                                   **self.gen.vllm_memory)
         self.tokenizer = load_tokenizer(model_path)
         self.load_error: Exception | None = None
+        # With generation.chunks_in_flight > 1 the actor runs that many calls at once: one
+        # chunk is sampled (the engine: one caller at a time) while the one before is graded
+        # and scored with pi_ref, so the engine does not idle through them.
+        self._sampling, self._finishing = threading.Lock(), threading.Lock()
         configure_grading(cfg.grading)  # this actor's math_verify pool
         self.reference = None  # pi_ref, resident: each chunk is scored as it is sampled
         if reference is not None:
@@ -92,7 +97,8 @@ class EngineWorker:
         try:
             if weights is None:
                 require_visible(checkpoint_dir, node_name(), "an engine")
-            self.engine.load_weights(checkpoint_dir if weights is None else weights)
+            with self._sampling:
+                self.engine.load_weights(checkpoint_dir if weights is None else weights)
         except Exception as exc:
             self.load_error = exc
             raise
@@ -103,12 +109,23 @@ class EngineWorker:
                   policy_version: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         if self.load_error is not None:
             raise self.load_error
-        start = time.perf_counter()
-        gen, algo = self.gen, self.cfg.algo
+        start, gen = time.perf_counter(), self.gen
         spec = SamplingSpec(n=gen.samples_per_prompt, temperature=gen.temperature,
                             top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
                             seed=_chunk_seed(gen.seed, round, items), stop=items[0].stop)
-        samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
+        with self._sampling:
+            began = time.perf_counter()  # (not the wait for the engine)
+            samples = self.engine.generate([list(i.prompt_ids) for i in items], spec)
+            sampled_s = time.perf_counter() - began
+        with self._finishing:
+            rows, stats = self._finish_chunk(items, samples, round, policy_version)
+        stats.update(seconds=time.perf_counter() - start, sample_seconds=sampled_s)
+        return rows, stats
+
+    def _finish_chunk(self, items: Sequence[PromptItem], samples: list, round: int,
+                      policy_version: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """A sampled chunk's rows: graded, with process rewards and pi_ref's log-probs."""
+        gen, algo = self.gen, self.cfg.algo
         flat = [(item, j, s) for item, group in zip(items, samples, strict=True)
                 for j, s in enumerate(group)]
         correct = grade_many(items[0].task, [s.text for _, _, s in flat],
@@ -125,8 +142,7 @@ class EngineWorker:
                 step_values=None, ref_logprobs=None))
         if gen.process_reward_samples > 0:
             self._add_process_rewards(items, rows)
-        tokens = sum(len(r["response_ids"]) for r in rows)
-        stats = {"tokens": tokens, "seconds": time.perf_counter() - start, "ref_seconds": 0.0}
+        stats = {"tokens": sum(len(r["response_ids"]) for r in rows), "ref_seconds": 0.0}
         if self.reference is not None:
             began = time.perf_counter()
             scores = self.reference.logprobs([r["prompt_ids"] for r in rows],
@@ -167,7 +183,8 @@ class EngineWorker:
                             max_new_tokens=gen.max_new_tokens,
                             seed=_chunk_seed(gen.seed + 1, rows[0]["round"], items),
                             stop=items[0].stop)
-        completions = self.engine.generate(prefixes, spec)
+        with self._sampling:
+            completions = self.engine.generate(prefixes, spec)
         texts = [prefix_text[i] + c.text for i, group in enumerate(completions) for c in group]
         grades = grade_many(items[0].task, texts, [g for g in golds for _ in range(m)])
         value = [sum(grades[i * m:(i + 1) * m]) / m for i in range(len(prefixes))]
@@ -211,12 +228,16 @@ class GenerationSummary:
     replaced_actors: int
     shards: list[str] = field(default_factory=list)
     ref_seconds: float = 0.0  # engine time spent scoring the samples with pi_ref
+    sampling_share: float = 0.0
+    """Of the engines' wall time, the share spent sampling (generate calls): the rest is each
+    chunk's grading and pi_ref scoring, and waiting for work."""
 
     def __str__(self) -> str:
         return (f"prompts {self.prompts} (skipped {self.skipped_prompts} already stored), "
                 f"samples {self.samples}, accuracy {self.accuracy:.3f}, mean length "
                 f"{self.mean_response_tokens:.1f} tokens, {self.tokens_per_s:.0f} tokens/s, "
-                f"{self.seconds:.1f}s (pi_ref scoring {self.ref_seconds:.1f}s of engine time), "
+                f"{self.seconds:.1f}s (engines sampling {100 * self.sampling_share:.0f}% of it; "
+                f"pi_ref scoring {self.ref_seconds:.1f}s of engine time), "
                 f"actors replaced {self.replaced_actors}, shards {len(self.shards)}")
 
 
@@ -246,7 +267,7 @@ class GeneratorPool:
         gen = self.cfg.generation
         marker = self.cfg.ray.role_resource("generator")
         options: dict[str, Any] = {"num_cpus": gen.cpus_per_engine, "max_restarts": 0,
-                                   "resources": marker}
+                                   "resources": marker, "max_concurrency": gen.chunks_at_once}
         if gen.placement == "spread":
             options["scheduling_strategy"] = "SPREAD"
         if gen.gpus_per_engine == 1:
@@ -267,11 +288,10 @@ class GeneratorPool:
             self.groups[slot] = group
             options.update(num_cpus=0, resources={}, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_capture_child_tasks=True))
-        actor = ray.remote(EngineWorker).options(**options).remote(self.cfg, self.model_path,
-                                                                   self.reference)
-        if self.weights != self.model_path:
-            actor.load_weights.remote(self.weights)  # runs before any later call on it
-        return actor
+        # Built from the weights the pool holds now (a replaced engine: the last refresh's
+        # checkpoint folder), so that no chunk can be sampled before they are loaded.
+        return ray.remote(EngineWorker).options(**options).remote(self.cfg, self.weights,
+                                                                  self.reference)
 
     def load_weights(self, checkpoint_dir: str, weights: Any = None) -> float:
         """Refreshes every engine's weights in place (vLLM: reload + prefix-cache reset) to
@@ -326,7 +346,8 @@ class GeneratorPool:
         todo = [i for i in items if traj_id_for(round, i.prompt_id, 0) not in stored]
         size = self.cfg.generation.chunk_prompts
         pending = collections.deque(todo[k:k + size] for k in range(0, len(todo), size))
-        inflight: dict[Any, tuple[int, list[PromptItem]]] = {}
+        inflight: dict[Any, tuple[int, list[PromptItem], Any]] = {}  # ref -> slot, chunk, actor
+        sampling_s = 0.0
         buffer: list[dict] = []
         seen: set[str] = set()
         summary = GenerationSummary(len(todo), 0, len(items) - len(todo), 0.0, 0.0, 0.0, 0.0, 0)
@@ -335,32 +356,34 @@ class GeneratorPool:
 
         def submit(slot: int) -> None:
             if pending:
-                chunk = pending.popleft()
-                inflight[self.actors[slot].run_chunk.remote(chunk, round, policy_version)] = \
-                    (slot, chunk)
+                chunk, actor = pending.popleft(), self.actors[slot]
+                inflight[actor.run_chunk.remote(chunk, round, policy_version)] = \
+                    (slot, chunk, actor)
 
         def flush() -> None:
             if buffer:
                 summary.shards.append(store.write_shard(list(buffer), round=round).name)
                 buffer.clear()
 
-        for slot in range(len(self.actors)):
-            submit(slot)
+        for _ in range(self.cfg.generation.chunks_at_once):
+            for slot in range(len(self.actors)):
+                submit(slot)
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
-            slot, chunk = inflight.pop(ref)
+            slot, chunk, actor = inflight.pop(ref)
             try:
                 rows, stats = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:  # (an actor's death is not one)
                 _raise_unreadable(exc, f"engine {slot}")
                 raise
             except ray.exceptions.RayActorError as exc:
-                _raise_if_cannot_start(exc, slot)
-                log.warning("engine %d died (%s); replacing it and re-issuing its %d prompts",
-                            slot, type(exc).__name__, len(chunk))
-                self.actors[slot] = self._spawn(slot)
-                self.replaced += 1
                 pending.appendleft(chunk)
+                if self.actors[slot] is actor:  # (its other chunks in flight fail too: once)
+                    _raise_if_cannot_start(exc, slot)
+                    log.warning("engine %d died (%s); replacing it and re-issuing its prompts",
+                                slot, type(exc).__name__)
+                    self.actors[slot] = self._spawn(slot)
+                    self.replaced += 1
                 submit(slot)
                 continue
             fresh = [r for r in rows if r["traj_id"] not in seen]
@@ -368,6 +391,7 @@ class GeneratorPool:
             buffer.extend(fresh)
             summary.samples += len(fresh)
             summary.ref_seconds += stats.get("ref_seconds", 0.0)
+            sampling_s += stats.get("sample_seconds", 0.0)
             correct += sum(r["correct"] for r in fresh)
             tokens += sum(len(r["response_ids"]) for r in fresh)
             chunks_done += 1
@@ -386,6 +410,7 @@ class GeneratorPool:
         summary.accuracy = correct / max(summary.samples, 1)
         summary.mean_response_tokens = tokens / max(summary.samples, 1)
         summary.tokens_per_s = tokens / max(summary.seconds, 1e-9)
+        summary.sampling_share = sampling_s / max(summary.seconds * len(self.actors), 1e-9)
         summary.replaced_actors = self.replaced - replaced_before
         return summary
 

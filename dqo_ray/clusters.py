@@ -70,6 +70,9 @@ class Node:
     gpu: GPUKind | None = None
     resources: Mapping[str, float] = field(default_factory=dict, compare=False)
     """Custom resources (ROLE_RESOURCES among them)."""
+    disk_gb: float | None = None
+    """Its disk, where a cluster file says (a launcher's volume size, a pod's ephemeral
+    storage); None = unknown."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ def parse_cluster(spec: str) -> Cluster:
                                        for i in range(int(nodes))))
 
 
-def _node(name: str, resources: Mapping[str, Any], gpu_memory_gib: float | None = None) -> Node:
+def _node(name: str, resources: Mapping[str, Any], gpu_memory_gib: float | None = None,
+          disk_gb: float | None = None) -> Node:
     """A node from Ray resources: CPU, GPU, `accelerator_type:<name>` (its GPU kind) and the
     custom rest."""
     gpus = int(float(resources.get("GPU", 0)))
@@ -131,7 +135,7 @@ def _node(name: str, resources: Mapping[str, Any], gpu_memory_gib: float | None 
     custom = {k: float(v) for k, v in resources.items()
               if k not in ("CPU", "GPU", "memory", "object_store_memory")
               and not k.startswith(("accelerator_type:", "node:"))}
-    return Node(name, float(resources.get("CPU", 0)), gpus, gpu, custom)
+    return Node(name, float(resources.get("CPU", 0)), gpus, gpu, custom, disk_gb)
 
 
 def cluster_from_file(path: Path) -> Cluster:
@@ -146,22 +150,36 @@ def cluster_from_file(path: Path) -> Cluster:
     except (OSError, yaml.YAMLError) as exc:
         raise PlanError(f"ray.cluster {path}: cannot read it as a cluster file ({exc})") from None
     if isinstance(spec, dict) and "available_node_types" in spec:
-        types = [(name, t["max_workers"], t.get("resources") or {})
+        types = [(name, t["max_workers"], t.get("resources") or {},
+                  _launcher_disk(t.get("node_config") or {}))
                  for name, t in spec["available_node_types"].items()
                  if name != spec.get("head_node_type")]
     elif isinstance(spec, dict) and spec.get("kind") in ("RayCluster", "RayJob"):
         body = spec["spec"] if spec["kind"] == "RayCluster" else spec["spec"]["rayClusterSpec"]
-        types = [(g["groupName"], g["maxReplicas"], _kuberay_resources(g))
+        types = [(g["groupName"], g["maxReplicas"], *_kuberay_resources(g))
                  for g in body["workerGroupSpecs"]]
     else:
         raise PlanError(f"ray.cluster {path}: neither a Ray cluster launcher file "
                         "(available_node_types) nor a KubeRay RayCluster / RayJob")
-    nodes = tuple(_node(f"{name}-{i}", resources)
-                  for name, count, resources in types for i in range(int(count)))
+    nodes = tuple(_node(f"{name}-{i}", resources, disk_gb=disk)
+                  for name, count, resources, disk in types for i in range(int(count)))
     return Cluster(str(path), nodes, knows_resources=True)
 
 
-def _kuberay_resources(group: Mapping[str, Any]) -> dict[str, Any]:
+def _launcher_disk(node_config: Mapping[str, Any]) -> float | None:
+    """The boot volume's size: AWS BlockDeviceMappings' Ebs.VolumeSize, GCP disks'
+    initializeParams.diskSizeGb (GiB, counted as GB: rough either way)."""
+    for mapping in node_config.get("BlockDeviceMappings") or []:
+        if "VolumeSize" in (mapping.get("Ebs") or {}):
+            return float(mapping["Ebs"]["VolumeSize"])
+    for disk in node_config.get("disks") or []:
+        if disk.get("boot") and "diskSizeGb" in (disk.get("initializeParams") or {}):
+            return float(disk["initializeParams"]["diskSizeGb"])
+    return None
+
+
+def _kuberay_resources(group: Mapping[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """A worker group's Ray resources, and its pod's ephemeral storage (GB) where it says."""
     params = group.get("rayStartParams") or {}
     [container] = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
     limits = container.get("resources", {}).get("limits", {})
@@ -169,7 +187,8 @@ def _kuberay_resources(group: Mapping[str, Any]) -> dict[str, Any]:
                            "GPU": params.get("num-gpus", limits.get("nvidia.com/gpu", 0))}
     if "resources" in params:  # KubeRay's form: a JSON object inside a quoted string
         out.update(json.loads(str(params["resources"]).strip().strip('"').replace('\\"', '"')))
-    return out
+    storage = re.fullmatch(r"(\d+(?:\.\d+)?)(Gi|G)", str(limits.get("ephemeral-storage", "")))
+    return out, float(storage[1]) if storage else None
 
 
 RUNNING = "the running Ray cluster"
@@ -200,6 +219,8 @@ class Ask:
     cpus: float
     what: str = ""
     resource: str = ""
+    one_node: bool = False
+    """All `count` units on the same node (trainer.placement: strict_pack)."""
 
     def unit(self) -> str:
         parts = [f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"] if self.gpus else []
@@ -222,15 +243,26 @@ class Ask:
 
 
 def place(cluster: Cluster, asks: Sequence[Ask]) -> str | None:
-    """First-fit decreasing of every unit onto the nodes (GPUs and CPUs of a unit on one node);
-    None when all fit, else the unit that does not (named by role). CPU-only units go to nodes
-    without GPUs first, as Ray's scheduler prefers."""
+    """None when every unit of `asks` fits on the cluster at once, else the one that does not
+    (named by role): `assign`'s verdict."""
+    return assign(cluster, asks)[1]
+
+
+def assign(cluster: Cluster, asks: Sequence[Ask]) -> tuple[list[list[str]], str | None]:
+    """First-fit decreasing of every unit onto the nodes (a unit's GPUs, CPUs and role marker on
+    one node; a `one_node` ask's units all on the same node): the roles placed on each node, in
+    node order, and None, or the unit that does not fit. CPU-only units go to nodes without GPUs
+    first, as Ray's scheduler prefers."""
     # By position: several Ray nodes may share a machine (and so an address).
     free = [{"GPU": n.gpus, "CPU": n.cpus, **n.resources} for n in cluster.nodes]
-    units = [(a, i) for a in asks for i in range(a.count)]
-    units.sort(key=lambda u: (-u[0].gpus, -u[0].cpus))  # stable: role order breaks ties
-    for ask, i in units:
-        need = ask.bundle() if cluster.knows_resources else {"GPU": ask.gpus, "CPU": ask.cpus}
+    placed: list[list[str]] = [[] for _ in cluster.nodes]
+    units: list[tuple[Ask, int | None, int]] = []  # (ask, index | None = all, units at once)
+    for a in asks:
+        units += [(a, None, a.count)] if a.one_node else [(a, i, 1) for i in range(a.count)]
+    units.sort(key=lambda u: (-u[0].gpus * u[2], -u[0].cpus * u[2]))  # stable: role order
+    for ask, i, n in units:
+        one = ask.bundle() if cluster.knows_resources else {"GPU": ask.gpus, "CPU": ask.cpus}
+        need = {key: amount * n for key, amount in one.items()}
         order = range(len(cluster.nodes))
         if not ask.gpus:
             order = sorted(order, key=lambda k: cluster.nodes[k].gpus > 0)
@@ -238,10 +270,13 @@ def place(cluster: Cluster, asks: Sequence[Ask]) -> str | None:
             if all(free[k].get(key, 0) >= amount - 1e-9 for key, amount in need.items()):
                 for key, amount in need.items():
                     free[k][key] -= amount
+                placed[k].append(ask.role if i is not None else f"{ask.role} x{ask.count}")
                 break
         else:
-            return f"{ask.role} {i + 1} of {ask.count} ({ask.unit()})"
-    return None
+            what = (f"{ask.role} {i + 1} of {ask.count} ({ask.unit()})" if i is not None else
+                    f"{ask.role}: all {ask.count} x ({ask.unit()}) on one node")
+            return placed, what
+    return placed, None
 
 
 def format_number(x: float) -> str:

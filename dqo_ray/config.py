@@ -217,6 +217,12 @@ class TrainerConfig:
     num_workers: int = field(default=2, metadata=_range(ge=1))
     cpus_per_worker: float = field(default=0.5, metadata=_range(gt=0))
     use_gpu: bool = False
+    placement: Literal["pack", "strict_pack"] = "pack"
+    """Ray Train's placement of the workers: `pack` fills nodes in turn and may split the group
+    over nodes; `strict_pack` keeps every worker on one node (ZeRO's per-step all-gathers and
+    reduce-scatters stay on the node's NVLink, not the network). With strict_pack the pipeline
+    starts the engines only once the workers are placed, so that no engine takes a GPU the
+    group's node needs, and the plan refuses a group larger than a node."""
     engine: Literal["auto", "deepspeed", "torch"] = "auto"
     """auto = DeepSpeed; a DeepSpeed that does not import is an error on a GPU worker (and for
     `deepspeed`), and only on a CPU worker falls back to plain torch DDP (a warning)."""
@@ -357,6 +363,13 @@ class GenerationConfig:
     max_new_tokens: int = field(default=256, metadata=_range(ge=1))
     chunk_prompts: int = field(default=16, metadata=_range(ge=1))
     """Prompts per work item handed to an engine actor (load balancing and retry unit)."""
+    chunks_in_flight: int | None = field(default=None, metadata=_range(ge=1))
+    """Chunks each engine works on at once: with 2, one is sampled while the one before is
+    graded and scored with pi_ref (and the next waits in its queue), so the engine does not
+    idle through those or the driver's round trip. None = auto: 2 when the engines have GPUs
+    (sampling on the GPU, grading on CPUs), 1 on a CPU, where both compete for the same cores
+    (benchmarks/RESULTS.md "Engine saturation": engines sampling 98% of the time instead of
+    77%, but 4% slower end to end on 2 cores). The generation log reports the share."""
     seed: int = 0
     kv_cache_gb: float = field(default=1.0, metadata=_range(gt=0))
     """vLLM KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE)."""
@@ -394,6 +407,11 @@ class GenerationConfig:
     """How engine actors are placed on a multi-node cluster: `spread` puts them on different
     nodes where it can (generation is the bulk of the work, and spreads memory); `pack` lets
     Ray fill one node first."""
+
+    @property
+    def chunks_at_once(self) -> int:
+        """chunks_in_flight, auto resolved."""
+        return self.chunks_in_flight or (2 if self.gpus_per_engine else 1)
 
     @property
     def vllm_memory(self) -> dict[str, Any]:

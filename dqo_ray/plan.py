@@ -24,7 +24,7 @@ the engines (which also hold pi_ref and score samples as they are drawn) and the
 they must all fit at once. pipeline.overlap (sampling round r+1 while round r trains) needs
 nothing more; auto is on.
 
-Memory per GPU: `dqo_ray.plan_memory`; clusters: `dqo_ray.clusters`; model sizes:
+Memory per GPU: `dqo_ray.plan_memory`; disk: `dqo_ray.plan_disk`; clusters: `dqo_ray.clusters`; model sizes:
 `dqo_ray.model_shapes`.
 """
 
@@ -33,8 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dqo_ray.clusters import ROLE_RESOURCES, RUNNING, Ask, Cluster, format_number, place
+from dqo_ray.clusters import ROLE_RESOURCES, RUNNING, Ask, Cluster, assign, format_number, place
 from dqo_ray.model_shapes import ModelShape
+from dqo_ray.plan_disk import Disk, check_disk
 from dqo_ray.plan_memory import Memory, check_memory, train_engine_name
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ def role_asks(cfg: Config) -> dict[str, Ask]:
         return ROLE_RESOURCES[role] if cfg.ray.role_resources else ""
 
     asks = {"trainer": Ask("trainer", t.num_workers, 1 if t.use_gpu else 0, t.cpus_per_worker,
-                           f"Ray Train workers ({train_engine_name(cfg)})", marker("trainer"))}
+                           f"Ray Train workers ({train_engine_name(cfg)})", marker("trainer"),
+                           one_node=t.placement == "strict_pack")}
     if uses_generator(cfg):
         if g.gpus_per_engine > 1:  # a placement group of {GPU: 1, CPU: 1} bundles
             gen = Ask("generator", g.num_engines, g.gpus_per_engine, float(g.gpus_per_engine),
@@ -97,6 +99,7 @@ class Plan:
     overlap_why: str
     phases: dict[str, list[Ask]]
     memory: list[Memory] = field(default_factory=list)
+    disk: Disk | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -130,15 +133,26 @@ class Plan:
             lines.append(f"| {name} | {', '.join(a.role for a in asks)} | {gpus} of "
                          f"{self.cluster.gpus} | {format_number(cpus)} of "
                          f"{format_number(self.cluster.cpus)} |")
+        for name, asks in self.phases.items():
+            placed, failed = assign(self.cluster, asks)
+            lines += ["", f"placement, phase {name} (first fit, as the plan counts it):"]
+            lines += [f"- {node.name}: {_counted(roles)}"
+                      for node, roles in zip(self.cluster.nodes, placed, strict=True) if roles]
+            if failed:
+                lines.append(f"- no room for {failed}")
         if self.memory:
             lines += ["", "memory per GPU (GiB, rough):"]
             lines += [f"- {m.describe()}" for m in self.memory]
+        if self.disk is not None:
+            lines += ["", f"disk (GB, rough): {self.disk.describe()}"]
         if self.notes:
             lines += ["", "notes:"] + [f"- {n}" for n in self.notes]
         lines += ["", "fits: yes" if self.ok else f"fits: no ({len(self.problems)} problem(s))"]
         return "\n".join(lines)
 
     def _group(self, ask: Ask) -> str:
+        if ask.one_node:
+            return "all on one node (trainer.placement: strict_pack)"
         if ask.resource:
             return f"nodes with {ask.resource} (ray.role_resources)"
         if ask.gpus:
@@ -149,9 +163,15 @@ class Plan:
         return "any node with CPUs (CPU-only nodes first)"
 
 
+def _counted(roles: list[str]) -> str:
+    """["generator", "generator", "evaluator"] -> "generator x2, evaluator"."""
+    counts = {r: roles.count(r) for r in dict.fromkeys(roles)}
+    return ", ".join(r if n == 1 else f"{r} x{n}" for r, n in counts.items())
+
+
 def _fit_problems(cfg: Config, cluster: Cluster, shape: ModelShape | None
-                  ) -> tuple[list[str], list[Memory], list[str]]:
-    """(problems, memory estimates, notes) of the plan."""
+                  ) -> tuple[list[str], list[Memory], Disk | None, list[str]]:
+    """(problems, memory estimates, disk needs, notes) of the plan."""
     problems, notes = [], []
     for name, asks in phases(cfg).items():
         failed = place(cluster, asks)
@@ -165,7 +185,8 @@ def _fit_problems(cfg: Config, cluster: Cluster, shape: ModelShape | None
                 f"(at most {largest} on a node), {format_number(cluster.cpus)} CPUs: no node has "
                 f"room for {failed}")
     memory = check_memory(cfg, cluster, shape, role_asks(cfg), problems, notes)
-    return problems, memory, notes
+    disk = check_disk(cfg, cluster, shape, problems, notes)
+    return problems, memory, disk, notes
 
 
 def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
@@ -175,7 +196,7 @@ def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
     why = {"on": "pipeline.overlap: on", "off": "pipeline.overlap: off",
            "auto": "auto: the trainer, the engines and the evaluator are all held for the "
                    "run"}[mode]
-    problems, memory, notes = _fit_problems(cfg, cluster, shape)
+    problems, memory, disk, notes = _fit_problems(cfg, cluster, shape)
     if problems and cluster.label == RUNNING:
         notes.append("an autoscaling cluster starts its nodes on demand: plan for the cluster it "
                      "grows to with --cluster / ray.cluster (e.g. 2x8xH100-80GB)")
@@ -189,5 +210,5 @@ def make_plan(cfg: Config, cluster: Cluster, shape: ModelShape | None) -> Plan:
     if cfg.pipeline.warm_start.enabled:
         notes.append("the warm start trains in the driver process, on its CPUs, before anything "
                      "else starts")
-    return Plan(cluster, shape, role_asks(cfg), overlap, why, phases(cfg), memory, problems,
-                notes)
+    return Plan(cluster, shape, role_asks(cfg), overlap, why, phases(cfg), memory, disk,
+                problems, notes)

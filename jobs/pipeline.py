@@ -130,6 +130,8 @@ class Pipeline:
             for r in range(rounds):
                 if trained[r] is None and not self.ingested(r):
                     self.trainer.start()  # its workers load their models while r is sampled
+                    if self.cfg.trainer.placement == "strict_pack" and self.pool is None:
+                        self.trainer.wait_placed()  # its node first, then the engines
                 self.data(r, policy, weights)  # a no-op when sampled during the last round
                 self.reference(r, start)  # only data not scored as it was sampled (ingested)
                 if trained[r] is not None:
@@ -208,7 +210,7 @@ class Pipeline:
                           tokens_per_s=summary.tokens_per_s, started=began,
                           refresh_s=refresh, refresh_from="memory" if weights is not None
                           and refresh else "disk" if refresh else "none",
-                          ref_s=summary.ref_seconds)
+                          ref_s=summary.ref_seconds, sampling_share=summary.sampling_share)
 
     def sample_and_plan(self, r: int, policy: str, weights: Any) -> None:
         """Data round r, then its first epoch built at once (while round r-1 still trains),

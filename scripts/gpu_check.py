@@ -12,12 +12,16 @@ configs with random weights (nothing is downloaded). Checks, each a row of the t
 2. all-reduce: a one-rank NCCL group; the training loop's metric reductions put their tensors
    where the backend needs them (collective_device) and return the right values;
 3. train step: the DQO step of the training loop (`_train_step`: policy + value model, the
-   frozen pi_ref forward of the default full-vocabulary KL term, gradient checkpointing, the attention kernel model.attn_implementation auto picks) through
-   our engine classes (DeepSpeed ZeRO 1, bf16, fp32 master weights), on a ~0.55B Llama-shaped
-   model: tokens/s, peak memory (beside the plan's estimate, dqo_ray.plan) and MFU;
+   frozen pi_ref forward of the default full-vocabulary KL term, gradient checkpointing, the
+   attention kernel model.attn_implementation auto picks) through our engine classes (bf16,
+   fp32 master weights), as the GPU recipe (--recipe, default configs/gsm8k-qwen2.5-1.5b.yaml)
+   runs it: its model's shape (Qwen2.5-1.5B: vocabulary 151,936), ZeRO stage, micro-batch and
+   sequence length (8 x 1024), or a smaller model (--size): tokens/s, step time, peak memory
+   and the peak of the policy's logits (each beside the plan's estimate, dqo_ray.plan_memory)
+   and MFU;
 4. bf16 HF export: what the engines and the evaluator load (dqo_ray.train.loop.export_hf);
 5. sampled-token log-probs: HF generate (actors.engines.hf, the engine used where vLLM is not)
-   on CUDA, against the training code's forward pass (dqo_ray.train.step.sequence_logprobs),
+   on CUDA, against the training code's forward pass (dqo_ray.models.forward.sequence_logprobs),
    at temperature 1 and 0.7, in bf16 and fp32.
 
 Exit status: 0 when every check passed (or there is no CUDA: "no CUDA: nothing to check"),
@@ -57,12 +61,14 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=2, vocab_size=256),
 }
+RECIPE = "configs/gsm8k-qwen2.5-1.5b.yaml"
 # The generation model (its own word-level tokenizer, so that every sampled id decodes).
 GEN_SIZES: dict[str, dict[str, int]] = {
     "0.5b": dict(words=3000, hidden_size=1024, layers=8, heads=8, new_tokens=64),
     "0.25b": dict(words=3000, hidden_size=1024, layers=8, heads=8, new_tokens=64),
     "tiny": dict(words=50, hidden_size=64, layers=2, heads=2, new_tokens=8),
 }
+GEN_SIZES["recipe"] = GEN_SIZES["0.5b"]  # sampling checks the engine, not the recipe's size
 # |sampled log-prob - forward log-prob| limits: fp32 differs by summation order only; bf16
 # by its 8-bit mantissa (cached decoding vs one full forward).
 LIMITS = {"float32": (1e-4, 2e-3), "bfloat16": (0.03, 0.5)}  # (mean, max)
@@ -225,7 +231,7 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
 
     from dqo_ray.config import load_config
     from dqo_ray.device import EngineUnavailable
-    from dqo_ray.model_shapes import shape_from_hf_config
+    from dqo_ray.model_shapes import model_shape, shape_from_hf_config
     from dqo_ray.models import ValueModel, ValueModelConfig, attn_implementation
     from dqo_ray.plan_memory import trainer_memory
     from dqo_ray.train.loop import _train_step
@@ -242,26 +248,45 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
                 raise
             why = f"DeepSpeed does not import: {exc}"
     bf16 = cuda
-    seq, micro = args.seq, args.micro_batch
+    recipe = load_config(args.recipe)
+    seq = args.seq or recipe.data.max_prompt_tokens + recipe.data.max_response_tokens
+    micro = args.micro_batch or recipe.trainer.micro_batch_size
+    stage = recipe.trainer.zero_stage
     cfg = load_config(None, [
-        "algo.name=dqo", f"trainer.engine={kind}", "trainer.zero_stage=1",
+        "algo.name=dqo", f"trainer.engine={kind}", f"trainer.zero_stage={stage}",
+        f"algo.kl_coef={recipe.algo.kl_coef}",
         f"trainer.micro_batch_size={micro}", "trainer.grad_accum_steps=1",
         f"trainer.max_steps={args.steps + 10}", "trainer.num_workers=1",
         "model.gradient_checkpointing=true", f"data.max_prompt_tokens={seq // 4}",
         f"data.max_response_tokens={seq - seq // 4}", "generation.max_new_tokens=8",
         "eval.max_new_tokens=8"])
-    config = LlamaConfig(**SIZES[args.size], tie_word_embeddings=True,
-                         max_position_embeddings=max(4096, seq))
+    if args.size == "recipe":  # the recipe's own architecture (Qwen2: GQA, qkv bias)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        shape = model_shape(recipe.model)
+        name = shape.name
+        config = Qwen2Config(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                             num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                             num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                             tie_word_embeddings=shape.tied, max_position_embeddings=max(4096, seq))
+        causal_lm = Qwen2ForCausalLM
+    else:
+        name = f"{args.size} Llama-shaped"
+        config = LlamaConfig(**SIZES[args.size], tie_word_embeddings=True,
+                             max_position_embeddings=max(4096, seq))
+        causal_lm = LlamaForCausalLM
     attn = attn_implementation("auto", device)
     torch.manual_seed(0)
     with torch.device(device):
-        policy = LlamaForCausalLM(config)
+        policy = causal_lm(config)
         value = ValueModel(ValueModelConfig(backbone_config=config))
-        # pi_ref for algo.kl_coef > 0 (the default): frozen, in the training dtype, as the loop
-        # loads it.
-        reference = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
-    reference.set_attn_implementation(attn)
-    reference.eval().requires_grad_(False)
+        # pi_ref for algo.kl_coef > 0 (the recipes' 0.1): frozen, in the training dtype, as the
+        # loop loads it.
+        reference = (causal_lm(config).to(torch.bfloat16 if bf16 else torch.float32)
+                     if cfg.algo.kl_coef > 0 else None)
+    if reference is not None:
+        reference.set_attn_implementation(attn)
+        reference.eval().requires_grad_(False)
     for model in (policy, value):
         model.set_attn_implementation(attn)
         model.gradient_checkpointing_enable()
@@ -287,13 +312,16 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
     sync()
     seconds = time.perf_counter() - began
     tokens_s = micro * seq * args.steps / seconds
+    logits_peak = _logits_peak(policy, batch, device, cuda) if cuda else None
     moved = not torch.equal(before, next(engines["policy"].module.parameters()).detach().float())
     dtype = next(engines["policy"].module.parameters()).dtype
     shape = shape_from_hf_config(config.to_dict(), f"{args.size} check model", "its config")
     estimate = trainer_memory(cfg, shape, _gpu(cuda))
-    detail = (f"{kind} ({why}), ZeRO 1, {'bf16' if bf16 else 'fp32'} (module {str(dtype)[6:]}), "
-              f"attention {attn}, policy + value {params / 1e9:.2f}B parameters (+ frozen pi_ref), "
-              f"micro-batch "
+    detail = (f"{kind} ({why}), ZeRO {stage}, {'bf16' if bf16 else 'fp32'} (module "
+              f"{str(dtype)[6:]}), attention {attn}, {name}: "
+              f"policy + value {params / 1e9:.2f}B parameters"
+              f"{' (+ frozen pi_ref)' if reference is not None else ''}, vocabulary "
+              f"{config.vocab_size:,}, micro-batch "
               f"{micro} x {seq} tokens, gradient checkpointing, {args.steps} steps: "
               f"{tokens_s:,.0f} tokens/s, {seconds / args.steps * 1000:.0f} ms/step")
     if cuda:
@@ -301,6 +329,8 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
         tflops = peak_tflops(cuda)
         mfu = 6 * params * tokens_s / (tflops * 1e12) if tflops else float("nan")
         detail += (f"; peak memory {peak:.1f} GiB (the plan's estimate {estimate.total:.1f} GiB)"
+                   f"; logits peak {logits_peak:.1f} GiB (the plan's "
+                   f"{estimate.parts.get('logits', 0):.1f} GiB)"
                    f"; MFU {100 * mfu:.1f}% (6 x parameters x tokens/s over "
                    f"{tflops or '?'} TFLOPS bf16, recomputation not counted)")
     state.update(engines=engines, bf16=bf16)
@@ -308,6 +338,25 @@ def train_check(args, cuda: bool, device, state: dict[str, Any]) -> tuple[bool, 
                                                               if bf16 and kind == "deepspeed"
                                                               else True)
     return ok, detail + ("" if moved else "; the weights did not move")
+
+
+def _logits_peak(policy, batch: dict[str, Any], device, cuda: bool) -> float:
+    """GiB the policy's forward + backward adds to what is resident, with the loss on its
+    full-vocabulary logits: the logits' share of a step (one micro-batch)."""
+    import torch
+
+    from dqo_ray.models.forward import sequence_logprobs
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ids = batch["input_ids"].to(device)
+    logprobs = sequence_logprobs(policy, ids, batch["attention_mask"].to(device))
+    logprobs.sum().backward()
+    policy.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GIB
 
 
 def _gpu(cuda: bool):
@@ -421,10 +470,15 @@ def logprob_check(size: str, folder: Path, device, dtype: str) -> tuple[bool, st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="markdown file to write the results table to")
-    parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    parser.add_argument("--recipe", default=RECIPE, help="the GPU recipe whose ZeRO stage, "
+                        "micro-batch, sequence length, KL term and (with --size recipe) model "
+                        "shape the train step uses")
+    parser.add_argument("--size", choices=["recipe", *sorted(SIZES)], default="recipe")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512, help="tokens per training sequence")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="tokens per training sequence; default: the recipe's prompt + "
+                        "response tokens")
     parser.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto",
                         help="auto: DeepSpeed where it imports, else plain torch")
     parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)

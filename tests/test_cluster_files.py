@@ -79,3 +79,42 @@ def test_a_file_that_is_no_cluster_file_is_named(tmp_path):
         parse_cluster(str(path))
     with pytest.raises(PlanError, match=r"missing.yaml: cannot read it"):
         parse_cluster(str(Path(tmp_path / "missing.yaml")))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("cluster_file", FILES)
+def test_the_files_give_trainer_nodes_the_disk_the_plan_asks(recipe, cluster_file):
+    """Issue 27: the plan's disk per trainer node (one checkpoint of scratch + the image) fits
+    the volume each file gives the node types that can hold the trainer."""
+    from dqo_ray.model_shapes import model_shape
+    from dqo_ray.plan import make_plan
+
+    cfg = load_config(str(REPO / recipe))
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, role_resources=True))
+    plan = make_plan(cfg, CLUSTERS[cluster_file], model_shape(cfg.model))
+    assert plan.disk is not None and not [p for p in plan.problems if p.startswith("disk")]
+    trainer_nodes = [n for n in CLUSTERS[cluster_file].nodes if "dqo_trainer" in n.resources]
+    assert trainer_nodes and all(n.disk_gb >= plan.disk.trainer_node_gb for n in trainer_nodes)
+
+
+def test_disk_per_checkpoint_counts_both_models_and_a_small_volume_is_refused(tmp_path):
+    from dqo_ray.model_shapes import model_shape
+    from dqo_ray.plan import make_plan
+    from dqo_ray.plan_disk import NODE_BASE_GB, disk_needs
+
+    cfg = load_config(str(REPO / "configs" / "gsm8k-qwen2.5-1.5b.yaml"))
+    shape = model_shape(cfg.model)
+    disk = disk_needs(cfg, shape)  # bf16: weights 2 + optimizer 12 + HF export 2 bytes
+    assert disk.checkpoint_gb == pytest.approx(16 * (shape.params + shape.backbone_params) / 1e9)
+    assert 40 < disk.checkpoint_gb < 60 and disk.kept == 2 * cfg.trainer.num_to_keep
+    assert disk.trainer_node_gb == pytest.approx(disk.checkpoint_gb + NODE_BASE_GB)
+
+    small = tmp_path / "small.yaml"
+    spec = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    spec["available_node_types"]["train_gpu"]["node_config"]["BlockDeviceMappings"][0]["Ebs"][
+        "VolumeSize"] = 80
+    spec["available_node_types"]["gen_gpu"]["max_workers"] = 0
+    small.write_text(yaml.safe_dump(spec))
+    plan = make_plan(cfg, parse_cluster(str(small)), shape)
+    assert any(p.startswith(f"disk: a trainer node needs about {disk.trainer_node_gb:.0f} GB")
+               and "train_gpu-0 has 80 GB" in p for p in plan.problems), plan.problems

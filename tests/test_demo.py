@@ -33,6 +33,9 @@ REDUCED = [
     # A 20-step start has no prompt with mixed outcomes, which balanced groups need (those
     # are tested through Ray Data in test_train_ray.py).
     "data.prompt_groups=all",
+    # The two-node recipe's placement: Ray Train's STRICT_PACK group, placed before the engines
+    # start (on one node here, where it is trivially satisfied).
+    "trainer.placement=strict_pack",
 ]
 DIAGNOSTICS = ("value_explained_var", "entropy", "kl_full", "kl_k3", "mixed_prompt_frac")
 

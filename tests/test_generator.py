@@ -41,7 +41,7 @@ def pool_config(tmp_path, **generation):
 
 def test_killed_actor_loses_no_prompt_and_writes_no_duplicate(tmp_path, tiny_checkpoint,
                                                                ray_address):
-    cfg = pool_config(tmp_path)
+    cfg = pool_config(tmp_path, chunks_in_flight=2)
     store = TrajectoryStore(str(tmp_path / "store"))
     items = items_for(tiny_checkpoint, 24)
     pool = GeneratorPool(cfg, str(tiny_checkpoint))
@@ -54,7 +54,10 @@ def test_killed_actor_loses_no_prompt_and_writes_no_duplicate(tmp_path, tiny_che
 
     summary = pool.generate(items, round=3, policy_version=7, store=store,
                             on_chunk=kill_second_engine)
+    # two chunks in flight per engine (generation.chunks_in_flight): both of the killed
+    # engine's fail, and it is replaced once
     assert killed and summary.replaced_actors == 1
+    assert 0 < summary.sampling_share <= 1
     rows = store.read_table().to_pylist()
     ids = [r["traj_id"] for r in rows]
     assert len(ids) == len(set(ids)) == 48 == summary.samples

@@ -18,6 +18,7 @@ from dqo_ray.clusters import (
     Cluster,
     Node,
     PlanError,
+    assign,
     cluster_from_ray_nodes,
     gpu_kind,
     parse_cluster,
@@ -513,3 +514,29 @@ def test_capacity_watch_logs_and_records_the_nodes_that_come_and_go(tmp_path, ca
     summary = write_pipeline_summary(tmp_path, {}, []).read_text()
     assert "## Nodes" in summary and "| came | 10.0.0.1 (000000000001) | 2 CPU, 2 dqo_trainer |" \
         in summary
+
+
+def test_the_two_node_recipe_keeps_its_trainer_group_on_one_node():
+    """trainer.placement: strict_pack (issue 27, item 2): the plan places all 8 workers on one
+    node and shows where every role goes; a group larger than a node is refused."""
+    cfg = load_config(REPO / "configs" / "gsm8k-qwen2.5-1.5b-2node.yaml")
+    assert cfg.trainer.placement == "strict_pack"
+    cluster = parse_cluster("2x8xH100-80GB")
+    plan = make_plan(cfg, cluster, model_shape(cfg.model))
+    assert plan.ok
+    placed, failed = assign(cluster, plan.phases["run"])
+    assert failed is None and ["trainer x8" in roles for roles in placed].count(True) == 1
+    assert "- node0: trainer x8, ray-data" in plan.render()
+    assert "- node1: evaluator, generator x7" in plan.render()
+
+    wide = load_config(REPO / "configs" / "gsm8k-qwen2.5-1.5b-2node.yaml",
+                       ["trainer.num_workers=9", "generation.num_engines=6"])
+    refused = make_plan(wide, cluster, model_shape(wide.model))
+    assert not refused.ok
+    assert "no node has room for trainer: all 9 x (1 GPU, 8 CPUs) on one node" in \
+        refused.problems[0]
+    # pack (the default) may split the group: the same 9 workers fit over the two nodes
+    loose = load_config(REPO / "configs" / "gsm8k-qwen2.5-1.5b-2node.yaml",
+                        ["trainer.num_workers=9", "generation.num_engines=6",
+                         "trainer.placement=pack"])
+    assert make_plan(loose, cluster, model_shape(loose.model)).ok

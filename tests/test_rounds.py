@@ -182,3 +182,13 @@ def test_engines_score_samples_with_pi_ref_and_refresh_from_memory(tmp_path, tin
             # sampled from the refreshed weights: its behaviour log-probs are the new model's
             torch.testing.assert_close(torch.tensor(row["behaviour_logprobs"]),
                                        logprobs(behaviour, row), rtol=0, atol=1e-4)
+
+
+def test_the_coordinator_says_when_every_rank_has_started():
+    coord = RoundCoordinator()
+    assert coord.wait_started(2, 0.01) is False
+    coord.started(1)
+    assert coord.wait_started(2, 0.01) is False
+    coord.started(0)
+    assert coord.wait_started(2, 0.01) is True
+    assert coord.started(-1) == 1  # a query (rank -1) counts no start

@@ -272,6 +272,7 @@ class RoundTrainer:
                                "planner": self.planner, "pid_file": pid_file,
                                "ledger": str(ledger) if ledger else None},
             scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                         placement_strategy=tcfg.placement.upper(),
                                          resources_per_worker={"CPU": tcfg.cpus_per_worker,
                                                                **cfg.ray.role_resource("trainer")}),
             torch_config=TorchConfig(backend=choose_device(tcfg.use_gpu).backend),
@@ -301,6 +302,21 @@ class RoundTrainer:
 
         self._thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
         self._thread.start()
+
+    def wait_placed(self) -> None:
+        """Returns once every worker's train function has started (the group is placed and
+        holds its resources); raises if the run ended first."""
+        self.start()
+        n = self.cfg.trainer.num_workers
+        while not ray.get(self.coordinator.wait_started.remote(n, POLL_S)):
+            self._raise_if_ended("its workers were placed")
+
+    def _raise_if_ended(self, what: str) -> None:
+        assert self._thread is not None
+        if not self._thread.is_alive():
+            error = getattr(self._outcome, "error", self._outcome)
+            raise RuntimeError(f"the trainer run ended before {what}: {error!r}") from (
+                error if isinstance(error, BaseException) else None)
 
     def prepare(self, r: int, data_rounds: list[int] | None) -> dict[str, float]:
         """Checks round r's shards (scored, undamaged, mixed enough) and has the planner build
@@ -339,12 +355,7 @@ class RoundTrainer:
         log.info("round %d: training to step %d on data rounds %s", r, end,
                  data_rounds if data_rounds is not None else "all")
         while (done := ray.get(self.coordinator.wait_done.remote(r, POLL_S))) is None:
-            assert self._thread is not None
-            if not self._thread.is_alive():
-                error = getattr(self._outcome, "error", self._outcome)
-                raise RuntimeError(f"the trainer run ended before round {r} was trained: "
-                                   f"{error!r}") from (error if isinstance(error, BaseException)
-                                                       else None)
+            self._raise_if_ended(f"round {r} was trained")
         self._prepared.pop(r, None)
         checkpoint = done["checkpoint"]
         return TrainResult(checkpoint=checkpoint, policy=f"{checkpoint}/policy",

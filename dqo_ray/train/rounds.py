@@ -53,6 +53,7 @@ class RoundCoordinator:
         self._stopped = False
         self._latest = latest_checkpoint
         self.starts = 0  # train-function starts of rank 0: 1 + the group's restarts
+        self._ranks_started: set[int] = set()
 
     # -- the driver ------------------------------------------------------------------------
 
@@ -81,7 +82,17 @@ class RoundCoordinator:
         with self._cond:
             if rank == 0:
                 self.starts += 1
+            if rank >= 0:
+                self._ranks_started.add(rank)
+                self._cond.notify_all()
             return self.starts
+
+    def wait_started(self, world: int, timeout_s: float) -> bool:
+        """Whether all `world` ranks have started (each placed, holding its resources), waiting
+        up to `timeout_s`."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._ranks_started) >= world,
+                                       timeout=timeout_s)
 
     def next_round(self, after: int, timeout_s: float) -> dict[str, Any] | str | None:
         """The first round after `after` that is posted and not yet reported done (a restarted
