@@ -114,3 +114,19 @@ def test_a_pipeline_whose_run_folder_is_full_ends_with_one_line(small_disk):
         f"disk full: no space left for {run / 'ci-small'}/"), result.stderr
     assert [p.name for p in (run / "ci-small").iterdir()] == []  # nothing half-written
     filler.unlink()
+
+
+def test_a_full_disk_in_a_trainer_worker_is_found_behind_ray_train(tmp_path):
+    """A checkpoint upload into a full run folder fails in a Ray Train worker: fit() raises
+    Ray Train's WorkerGroupError holding each worker's exception, and the pipeline's line
+    comes from the DiskFull inside."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    target = tmp_path / "train" / "checkpoint-0000004"
+    inner = DiskFull(errno.ENOSPC, "while writing a checkpoint into the run folder", str(target))
+    error = WorkerGroupError("Training failed due to worker errors", {1: RuntimeError("ok"),
+                                                                      0: inner})
+    assert disk_full_in(error) is inner
+    assert str(disk_full_in(error)).startswith(f"disk full: no space left for {target} (while "
+                                               "writing a checkpoint into the run folder)")
+    assert disk_full_in(WorkerGroupError("no disk involved", {0: RuntimeError("x")})) is None

@@ -32,12 +32,14 @@ def test_coordinator_hands_rounds_in_order_and_stops():
     coord.post(_spec(1))
     assert coord.next_round(0, timeout_s=0.01)["round"] == 1
     assert coord.wait_done(1, timeout_s=0.01) is None
+    coord.checkpointed("/r/train/checkpoint-0000020", rank=0, world=1)  # its report persisted
     coord.round_done(1, {"checkpoint": "/r/train/checkpoint-0000020", "weights": ["ref"]})
     assert coord.wait_done(1, timeout_s=0.01)["weights"] == ["ref"]
     assert coord.latest_checkpoint() == "/r/train/checkpoint-0000020"
     # A group restarted now asks from the start: round 0 is not reported done yet, so it is
     # handed out again (the restarted ranks, past its end, report it at once); then nothing.
     assert coord.next_round(-1, timeout_s=0.01)["round"] == 0
+    coord.checkpointed("/r/train/checkpoint-0000010", rank=0, world=1)
     coord.round_done(0, {"checkpoint": "/r/train/checkpoint-0000010", "weights": ["old"]})
     assert coord.next_round(-1, timeout_s=0.01) == "wait"
     assert coord.latest_checkpoint() == "/r/train/checkpoint-0000020"
@@ -192,3 +194,15 @@ def test_the_coordinator_says_when_every_rank_has_started():
     coord.started(0)
     assert coord.wait_started(2, 0.01) is True
     assert coord.started(-1) == 1  # a query (rank -1) counts no start
+
+
+def test_a_checkpoint_is_a_resume_point_only_once_every_rank_has_persisted_its_part():
+    """A rank killed while uploading its ZeRO shard leaves the checkpoint incomplete: the
+    restarted group must resume from the one before (it failed on the missing shard)."""
+    coord = RoundCoordinator("/r/train/checkpoint-0000004")
+    coord.checkpointed("/r/train/checkpoint-0000008", rank=0, world=2)
+    assert coord.latest_checkpoint() == "/r/train/checkpoint-0000004"  # rank 1's part missing
+    coord.checkpointed("/r/train/checkpoint-0000008", rank=1, world=2)
+    assert coord.latest_checkpoint() == "/r/train/checkpoint-0000008"
+    coord.round_done(0, {"checkpoint": "/r/train/checkpoint-0000012", "weights": [None]})
+    assert coord.latest_checkpoint() == "/r/train/checkpoint-0000008"  # its ranks say when

@@ -107,8 +107,7 @@ def _worker_main(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=folder.name,
                              delete_local_checkpoint_after_upload=True)
         shutil.rmtree(folder, ignore_errors=True)
-        if rank == 0:
-            coordinator.checkpointed.remote(f"{run_dir}/train/{folder.name}")
+        coordinator.checkpointed.remote(f"{run_dir}/train/{folder.name}", rank, world)
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         assert logger is not None

@@ -54,6 +54,7 @@ class RoundCoordinator:
         self._latest = latest_checkpoint
         self.starts = 0  # train-function starts of rank 0: 1 + the group's restarts
         self._ranks_started: set[int] = set()
+        self._persisted: dict[str, set[int]] = {}  # checkpoint -> ranks whose part is in
 
     # -- the driver ------------------------------------------------------------------------
 
@@ -109,9 +110,17 @@ class RoundCoordinator:
                 return asdict(self._posted[rounds[0]])
             return None if self._stopped else "wait"
 
-    def checkpointed(self, path: str) -> None:
-        """Rank 0, after Ray Train persisted a checkpoint: the newest resume point."""
+    def checkpointed(self, path: str, rank: int = 0, world: int = 1) -> None:
+        """Each of the `world` ranks, once Ray Train persisted its part of the checkpoint at
+        `path`: with every rank's part there, it is the newest resume point. (A rank killed
+        while uploading its part leaves the checkpoint without it: resuming from it failed
+        on the missing ZeRO shard.)"""
         with self._cond:
+            ranks = self._persisted.setdefault(path, set())
+            ranks.add(rank)
+            if len(ranks) < world:
+                return
+            del self._persisted[path]
             if checkpoint_step(path) > checkpoint_step(self._latest):
                 self._latest = path
 
@@ -122,8 +131,7 @@ class RoundCoordinator:
     def round_done(self, round: int, result: dict[str, Any]) -> None:
         """Rank 0: round `round` trained; `result` has its checkpoint and (in a list, so that
         Ray passes the reference through) the policy weights in the object store."""
-        with self._cond:
-            self.checkpointed(result["checkpoint"])
+        with self._cond:  # (its checkpoint becomes the resume point once every rank's part is in)
             self._finished.add(round)
             self._done[round] = result
             self._cond.notify_all()
