@@ -29,7 +29,10 @@ DASHBOARD_PORT="${RAY_LOCAL_DASHBOARD_PORT:-8275}"
 # session's own.) Short: Ray's socket paths live under it.
 TMP="${RAY_LOCAL_TMP:-/tmp/ray_lc}"
 # Per-node agent ports: nodes on one machine must not share them, nor with other instances.
-AGENT_BASE="${RAY_LOCAL_AGENT_PORT_BASE:-53100}"
+# Below Linux's ephemeral range (32768-60999): a port there can be taken at any moment by an
+# outgoing connection or another process's random port (at 53102 one was, and the head's
+# dashboard agent, then its raylet, failed to start). Above Ray's worker ports (10002-19999).
+AGENT_BASE="${RAY_LOCAL_AGENT_PORT_BASE:-23100}"
 
 node_ports() {  # node index -> its agent / metrics / runtime-env ports
     local base=$((AGENT_BASE + 10 * $1))

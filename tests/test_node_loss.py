@@ -24,7 +24,7 @@ SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
 # Its own ports and temp dir: never the two-node cluster of test_pipeline.py, nor the
 # session's Ray. The head holds no CPU, so all work is on worker nodes (which may be lost).
 CLUSTER_ENV = {"RAY_LOCAL_PORT": "6392", "RAY_LOCAL_DASHBOARD_PORT": "8277",
-               "RAY_LOCAL_TMP": "/tmp/ray_nl", "RAY_LOCAL_AGENT_PORT_BASE": "53300",
+               "RAY_LOCAL_TMP": "/tmp/ray_nl", "RAY_LOCAL_AGENT_PORT_BASE": "23300",
                # ci-small needs up to 3.5 CPUs at once: one node of 4 can still hold it.
                "RAY_LOCAL_HEAD_CPUS": "0", "RAY_LOCAL_WORKER_CPUS": "4",
                # A killed node refuses the checks at once: dead after ~10 s (Ray's defaults:
@@ -39,15 +39,16 @@ OVERRIDES = ["pipeline.rounds=1", f"task.limit={PROMPTS}",
 
 
 def _script(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([SCRIPT, *args], cwd=REPO, env={**_env(), **CLUSTER_ENV},
-                          check=True, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([SCRIPT, *args], cwd=REPO, env={**_env(), **CLUSTER_ENV},
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"local_cluster.sh {' '.join(args)}: {done.stderr[-3000:]}"
+    return done
 
 
 @pytest.fixture(scope="module")
 def three_worker_cluster():
-    out = _script("start", "3").stdout.split()
-    try:
-        yield out[-1]
+    try:  # (stopped even when it started only in part)
+        yield _script("start", "3").stdout.split()[-1]
     finally:
         subprocess.run([SCRIPT, "stop"], cwd=REPO, env={**_env(), **CLUSTER_ENV}, timeout=120)
 

@@ -100,10 +100,11 @@ def _env() -> dict[str, str]:
 def local_cluster():
     """Head + one worker node (2 CPUs each) started by cluster/local_cluster.sh."""
     script = str(REPO / "cluster" / "local_cluster.sh")
-    out = subprocess.run([script, "start", "1"], cwd=REPO, env=_env(), check=True,
-                         capture_output=True, text=True, timeout=180).stdout.split()
-    try:
-        yield out[-1]  # the job submission address
+    try:  # (stopped even when it started only in part)
+        started = subprocess.run([script, "start", "1"], cwd=REPO, env=_env(),
+                                 capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, f"local_cluster.sh start: {started.stderr[-3000:]}"
+        yield started.stdout.split()[-1]  # the job submission address
     finally:
         subprocess.run([script, "stop"], cwd=REPO, env=_env(), timeout=120)
 
